@@ -1,0 +1,72 @@
+# svdprune-onnx: two commands on a fresh machine.
+#   make export K=16   -> build/tiny-llava-k16/ (creates .venv, installs pinned deps, builds the tiny model)
+#   make test          -> the CPU test suite that CI runs
+# Variables for export: K, MODEL (local HF LLaVA checkpoint dir), METHOD, RANK, ITERS, CENTER, SCORE, OUT.
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+K       ?= 16
+
+# Only pass the options that were given, so the CLI's defaults stay the single source of truth.
+EXPORT_ARGS := --k $(K)
+ifdef MODEL
+EXPORT_ARGS += -m $(MODEL)
+endif
+ifdef METHOD
+EXPORT_ARGS += --method $(METHOD)
+endif
+ifdef RANK
+EXPORT_ARGS += --rank $(RANK)
+endif
+ifdef ITERS
+EXPORT_ARGS += --iters $(ITERS)
+endif
+ifdef CENTER
+EXPORT_ARGS += --center $(CENTER)
+endif
+ifdef SCORE
+EXPORT_ARGS += --score $(SCORE)
+endif
+ifdef OUT
+EXPORT_ARGS += -o $(OUT)
+endif
+
+.PHONY: venv export test lint format bench-fidelity bench-overhead clean
+
+venv: $(STAMP)
+
+# torch is installed on its own first so that nothing else can resolve it to a CUDA build.
+$(STAMP): pyproject.toml requirements/runtime.txt requirements/export.txt requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+export: $(STAMP)
+	$(PY) -m export $(EXPORT_ARGS)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench-fidelity: $(STAMP)
+	$(PY) -m bench.fidelity
+
+bench-overhead: $(STAMP)
+	$(PY) -m bench.overhead
+
+clean:
+	rm -rf build

@@ -1,0 +1,134 @@
+"""`python -m export` / `make export K=16`: checkpoint -> validated bundle folder.
+
+-m CHECKPOINT (default: the built-in tiny LLaVA, built if missing)
+  └─ PrunedVision(K, method, rank, iters, ...) ─► onnx/vision_encoder.onnx
+       └─ ORT vs PyTorch on real photos, batch 1 and 3 ─► svdprune.json ─► rename into place
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from runtime import contract as C
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_IMAGES = REPO.parent / "shared" / "data" / "images"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from dataclasses import fields
+    from types import SimpleNamespace
+
+    from svdprune_onnx.select import METHODS, PruneConfig
+
+    # The defaults live on the dataclass (chosen by `make bench-fidelity`); read them from there.
+    d = SimpleNamespace(**{f.name: f.default for f in fields(PruneConfig) if f.name not in "kn"})
+    ap = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "-m", "--model", type=Path, help="local LLaVA checkpoint folder (default: tiny)"
+    )
+    ap.add_argument("--k", type=int, default=16, help="vision tokens kept per image (default 16)")
+    ap.add_argument("--method", choices=METHODS, default=d.method, help=f"default {d.method}")
+    ap.add_argument(
+        "--rank", default=str(d.rank), help=f"leverage rank r, or 'k' (default {d.rank})"
+    )
+    ap.add_argument("--iters", type=int, default=d.iterations, help="products with the Gram matrix")
+    ap.add_argument("--oversample", type=int, default=d.oversample, help="extra columns (gram)")
+    ap.add_argument("--center", choices=("on", "off"), default="on" if d.center else "off")
+    ap.add_argument("--score", choices=C.SCORED_CHOICES, default=d.scored_features)
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the constant start block")
+    ap.add_argument("-o", "--out", type=Path, help="bundle folder (default build/<name>-k<K>)")
+    ap.add_argument("--vision-exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    ap.add_argument("-i", "--image", type=Path, action="append", help="validation image(s)")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    return ap.parse_args(argv)
+
+
+def step(i: int, n: int, text: str) -> float:
+    print(f"[{i}/{n}] {text}", flush=True)
+    return time.perf_counter()
+
+
+def main(args: argparse.Namespace) -> Path:
+    """Export one bundle; returns its folder. Raises typed errors on bad input."""
+    from export.bundle import atomic_dir, copy_side_files, package_versions, write_manifest
+    from export.load import load_image_processor, load_llava
+    from export.manifest import build_manifest
+    from export.photos import validation_batches
+    from export.vision import OPSET, export_vision, validate_vision
+    from svdprune_onnx.select import PruneConfig, PruneError
+    from svdprune_onnx.tiny import ensure_tiny_llava
+    from svdprune_onnx.vision import PrunedVision, vision_token_count
+
+    t = step(1, 4, "loading checkpoint")
+    src = args.model or ensure_tiny_llava()
+    model = load_llava(src)
+    processor = load_image_processor(src)
+    n = vision_token_count(model)
+    if args.rank.lower() != "k" and not args.rank.isdigit():
+        raise PruneError(f"--rank takes an integer or 'k', got {args.rank!r}")
+    prune = PruneConfig(
+        k=args.k,
+        n=n,
+        method=args.method,
+        rank=args.k if args.rank.lower() == "k" else int(args.rank),
+        iterations=args.iters,
+        center=args.center == "on",
+        oversample=args.oversample,
+        scored_features=args.score,
+        seed=args.seed,
+    )
+    module = PrunedVision(model, prune).eval()
+    out = args.out or REPO / "build" / f"{src.name}-k{prune.k}"
+    print(f"      {src} | N={n} -> K={prune.k} | {prune.method} r={prune.rank} "
+          f"iters={prune.iterations} center={prune.center} on {prune.scored_features} features "
+          f"({time.perf_counter() - t:.1f}s)")  # fmt: skip
+
+    with atomic_dir(out) as tmp:
+        t = step(2, 4, f"exporting {C.VISION_ONNX} ({args.vision_exporter})")
+        (tmp / C.ONNX_DIR).mkdir()
+        image_size = tuple(module.vm.embeddings.config.image_size for _ in range(2))
+        export_vision(module, tmp / C.VISION_ONNX, image_size, args.vision_exporter)
+        print(f"      done ({time.perf_counter() - t:.1f}s)")
+
+        t = step(3, 4, "validating ONNX Runtime against PyTorch (batch 1 and 3, real photos)")
+        batches = validation_batches(processor, args.image or sorted(SHARED_IMAGES.glob("*")))
+        report = validate_vision(module, tmp / C.VISION_ONNX, batches)
+        diff = report["image_features_max_abs_diff"]
+        print(f"      kept_indices identical, image_features max |diff| {diff:.2e} "
+              f"({time.perf_counter() - t:.1f}s)")  # fmt: skip
+
+        step(4, 4, f"writing bundle {out}")
+        copy_side_files(src, tmp)
+        manifest = build_manifest(model, processor, prune, src, report)
+        manifest[C.KEY_EXPORTER] = {"packages": package_versions(), "opset": OPSET,
+                                    "vision_exporter": args.vision_exporter}  # fmt: skip
+        write_manifest(tmp, manifest)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"\nbundle: {out}  ({size / 2**20:.1f} MiB)")
+    for f in sorted(p for p in out.rglob("*") if p.is_file()):
+        print(f"  {f.relative_to(out).as_posix():40s} {f.stat().st_size / 2**20:8.2f} MiB")
+    print(f"K={prune.k} of N={n}, method={prune.method}, "
+          f"max |diff| vs PyTorch {report['image_features_max_abs_diff']:.2e}")  # fmt: skip
+    return out
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from export.errors import USER_ERRORS
+
+    try:
+        main(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

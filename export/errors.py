@@ -1,0 +1,20 @@
+"""The typed errors a user can cause: the CLI prints them as one `error: ...` line."""
+
+from __future__ import annotations
+
+from export.load import CheckpointError
+from export.photos import PhotoError
+from export.vision import ExportValidationError
+from runtime.bundle import BundleError
+from svdprune_onnx.select import PruneError
+from svdprune_onnx.vision import UnsupportedModelError
+
+USER_ERRORS = (
+    CheckpointError,
+    PhotoError,
+    ExportValidationError,
+    BundleError,
+    PruneError,
+    UnsupportedModelError,
+    FileExistsError,
+)

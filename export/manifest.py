@@ -1,0 +1,73 @@
+"""The resolved manifest (svdprune.json): everything the runtime needs, so it never asks again."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from runtime import contract as C
+from svdprune_onnx.select import PruneConfig
+from svdprune_onnx.vision import llava_parts
+
+
+def _size(value, key_h: str = "height", key_w: str = "width") -> list[int] | None:
+    # processor sizes come as {"height", "width"}, {"shortest_edge"} or an int.
+    if isinstance(value, dict) and key_h in value:
+        return [int(value[key_h]), int(value[key_w])]
+    if isinstance(value, int):
+        return [value, value]
+    return None
+
+
+def vision_section(model, processor) -> dict:
+    """Preprocessing and feature-selection facts, read from the checkpoint's own objects."""
+    _, _, cfg = llava_parts(model)
+    vcfg = cfg.vision_config
+    size = getattr(processor, "size", {}) or {}
+    crop = bool(getattr(processor, "do_center_crop", False))
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else None
+    target = _size(getattr(processor, "crop_size", None)) if crop else _size(size)
+    return {
+        C.V_TOWER: vcfg.model_type,
+        C.V_FEATURE_LAYER: cfg.vision_feature_layer,
+        C.V_SELECT_STRATEGY: cfg.vision_feature_select_strategy,
+        C.V_IMAGE_SIZE: target or [vcfg.image_size, vcfg.image_size],
+        C.V_RESIZE: shortest,
+        C.V_CROP: "center" if crop else "none",
+        C.V_RESAMPLE: int(getattr(processor, "resample", 3)),
+        C.V_RESCALE: float(getattr(processor, "rescale_factor", 1 / 255)),
+        C.V_IMAGE_MEAN: [float(v) for v in processor.image_mean],
+        C.V_IMAGE_STD: [float(v) for v in processor.image_std],
+        "patch_size": vcfg.patch_size,
+    }
+
+
+def build_manifest(model, processor, prune: PruneConfig, src: Path, validation: dict) -> dict:
+    """Manifest without the `files` and `exporter` sections (added by the writer)."""
+    _, _, cfg = llava_parts(model)
+    pruning = asdict(prune)
+    return {
+        C.KEY_SCHEMA: C.SCHEMA_VERSION,
+        C.KEY_MODEL: {
+            "family": cfg.model_type,
+            "source": str(Path(src).resolve()),
+            "name": Path(src).name,
+        },
+        C.KEY_PRUNING: {
+            C.P_K: pruning["k"],
+            C.P_N: pruning["n"],
+            C.P_METHOD: pruning["method"],
+            C.P_RANK: pruning["rank"],
+            C.P_ITERS: pruning["iterations"],
+            C.P_OVERSAMPLE: pruning["oversample"],
+            C.P_CENTER: pruning["center"],
+            C.P_SCORED: pruning["scored_features"],
+            C.P_SEED: pruning["seed"],
+        },
+        C.KEY_VISION: vision_section(model, processor),
+        C.KEY_TEXT: {
+            C.T_IMAGE_TOKEN_ID: int(cfg.image_token_index),
+            C.T_IMAGE_TOKENS: prune.k,
+        },
+        C.KEY_VALIDATION: validation,
+    }

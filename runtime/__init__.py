@@ -1,0 +1,1 @@
+"""On-device stage: onnxruntime, numpy, tokenizers and Pillow only (never torch)."""

@@ -1,0 +1,86 @@
+"""The bundle contract: every file name, graph I/O name, axis name and manifest key, defined once.
+
+Export writes these, the runtime reads them, tests check them. Nothing here may import torch.
+Axis names follow what optimum writes and transformers.js reads (unknown names resolve to 0 there).
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# --- files (relative to the bundle root) -----------------------------------------------------
+MANIFEST_FILE = "svdprune.json"
+ONNX_DIR = "onnx"
+VISION_ONNX = f"{ONNX_DIR}/vision_encoder.onnx"
+EMBED_ONNX = f"{ONNX_DIR}/embed_tokens.onnx"
+DECODER_ONNX = f"{ONNX_DIR}/decoder_model_merged.onnx"
+# Hugging Face side files copied beside the graphs when the checkpoint has them.
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+# --- graph inputs / outputs ------------------------------------------------------------------
+PIXEL_VALUES = "pixel_values"  # (batch_size, 3, H, W) float32
+IMAGE_FEATURES = "image_features"  # (batch_size, K, D) float32
+KEPT_INDICES = "kept_indices"  # (batch_size, K) int64, ascending
+INPUT_IDS = "input_ids"
+INPUTS_EMBEDS = "inputs_embeds"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+# --- symbolic axis names ---------------------------------------------------------------------
+AXIS_BATCH = "batch_size"
+AXIS_SEQ = "sequence_length"
+AXIS_PAST = "past_sequence_length"
+AXIS_TOTAL = "past_sequence_length + sequence_length"
+
+# --- manifest keys (svdprune.json) -----------------------------------------------------------
+KEY_SCHEMA = "schema_version"
+KEY_MODEL = "model"  # {family, source, name}
+KEY_PRUNING = "pruning"
+KEY_VISION = "vision"
+KEY_TEXT = "text"
+KEY_FILES = "files"  # {relative path: sha256}
+KEY_EXPORTER = "exporter"  # {packages: {name: version}, opset}
+KEY_VALIDATION = "validation"  # max differences measured against PyTorch at export
+
+# pruning.*
+P_K = "k"
+P_N = "n"
+P_METHOD = "method"
+P_RANK = "rank"
+P_ITERS = "iterations"
+P_OVERSAMPLE = "oversample"
+P_CENTER = "center"
+P_SCORED = "scored_features"
+P_SEED = "seed"
+
+# vision.*
+V_FEATURE_LAYER = "feature_layer"
+V_SELECT_STRATEGY = "select_strategy"
+V_IMAGE_SIZE = "image_size"  # [H, W]
+V_IMAGE_MEAN = "image_mean"
+V_IMAGE_STD = "image_std"
+V_RESAMPLE = "resample"  # PIL resample id
+V_RESIZE = "resize_shortest_edge"
+V_CROP = "crop"  # "center" or "none"
+V_RESCALE = "rescale_factor"
+V_TOWER = "tower"  # vision config model_type
+
+# text.*
+T_IMAGE_TOKEN_ID = "image_token_id"
+T_IMAGE_TOKENS = "image_tokens_per_image"  # = K
+
+# --- values ----------------------------------------------------------------------------------
+SCORED_VISION = "vision"
+SCORED_PROJECTED = "projected"
+SCORED_CHOICES = (SCORED_VISION, SCORED_PROJECTED)
