@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> Path:
     from svdprune_onnx.vision import PrunedVision, vision_token_count
 
     t = step(1, 4, "loading checkpoint")
-    src = args.model or ensure_tiny_llava()
+    src = args.model or ensure_tiny_llava(REPO / "build" / "models")
     model = load_llava(src)
     processor = load_image_processor(src)
     n = vision_token_count(model)
@@ -82,6 +82,8 @@ def main(args: argparse.Namespace) -> Path:
         seed=args.seed,
     )
     module = PrunedVision(model, prune).eval()
+    # Read the validation photos now: a bad -i path fails before minutes of export, not after.
+    batches = validation_batches(processor, args.image or sorted(SHARED_IMAGES.glob("*")))
     out = args.out or REPO / "build" / f"{src.name}-k{prune.k}"
     print(f"      {src} | N={n} -> K={prune.k} | {prune.method} r={prune.rank} "
           f"iters={prune.iterations} center={prune.center} on {prune.scored_features} features "
@@ -95,7 +97,6 @@ def main(args: argparse.Namespace) -> Path:
         print(f"      done ({time.perf_counter() - t:.1f}s)")
 
         t = step(3, 4, "validating ONNX Runtime against PyTorch (batch 1 and 3, real photos)")
-        batches = validation_batches(processor, args.image or sorted(SHARED_IMAGES.glob("*")))
         report = validate_vision(module, tmp / C.VISION_ONNX, batches)
         diff = report["image_features_max_abs_diff"]
         print(f"      kept_indices identical, image_features max |diff| {diff:.2e} "

@@ -63,10 +63,24 @@ def export_vision(
         else:
             raise ValueError(f"unknown exporter {exporter!r}; choose from {EXPORTERS}")
     model = onnx.load(str(path))
+    _fix_output_shapes(model, module.prune.k, module.out_dim)
+    onnx.save(model, str(path))
     onnx.checker.check_model(model, full_check=True)
     bad = sorted({n.op_type for n in model.graph.node} & FORBIDDEN_OPS)
     if bad:
         raise ExportValidationError(f"vision graph contains control flow {bad}; cannot ship it")
+
+
+def _fix_output_shapes(model: onnx.ModelProto, k: int, dim: int) -> None:
+    # TorchScript names derived axes "Addimage_features_dim_1"; K and D are static, and clients
+    # (TensorRT, transformers.js) read these shapes, so state them.
+    shapes = {C.IMAGE_FEATURES: [C.AXIS_BATCH, k, dim], C.KEPT_INDICES: [C.AXIS_BATCH, k]}
+    for out in model.graph.output:
+        for d, value in zip(out.type.tensor_type.shape.dim, shapes[out.name], strict=True):
+            if isinstance(value, str):
+                d.dim_param = value
+            else:
+                d.dim_value = value
 
 
 def run_vision(path: Path, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

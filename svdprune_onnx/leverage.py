@@ -147,9 +147,14 @@ def cheb_basis(X: torch.Tensor, start: torch.Tensor, rank: int, iters: int) -> t
 
 
 def exact_leverage(X: torch.Tensor, rank: int) -> torch.Tensor:
-    """Reference rank-r leverage from float64 SVD: (B, N, d) -> (B, N) float64."""
-    U, _, _ = torch.linalg.svd(X.double(), full_matrices=False)
-    return U[..., :rank].square().sum(dim=-1)
+    """Reference rank-r leverage from float64 SVD: (B, N, d) -> (B, N) float64.
+
+    Singular directions with s_j <= 1e-7 s_1 (or s_1 = 0) are numerically absent and dropped,
+    as the approximations drop dependent columns: a zero matrix scores 0 everywhere.
+    """
+    U, s, _ = torch.linalg.svd(X.double(), full_matrices=False)
+    present = (s > 1e-7 * s[..., :1]) & (s > 0)  # (B, min(N, d))
+    return (U[..., :rank].square() * present[..., None, :rank]).sum(dim=-1)
 
 
 def leverage(

@@ -76,6 +76,7 @@ class PrunedVision(nn.Module):
         if prune.n != self.n_tokens:
             raise PruneError(f"config says N={prune.n} but the tower yields {self.n_tokens}")
         self.prune = prune
+        self.out_dim = cfg.text_config.hidden_size  # the projector maps into the text model
         self.register_buffer("priority", spatial_priority(self.n_tokens, self.grid, prune.k))
         const = score_constant(prune)
         self.register_buffer("const", const if const is not None else torch.zeros(0))

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real photos from ../shared/data and tiny LLaVA checkpoints built offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+IMAGES = SHARED / "images"
+
+
+def _need(path: Path) -> Path:
+    # The shared data is part of the test contract: missing means a broken checkout, so fail.
+    if not path.exists():
+        pytest.fail(f"shared test data missing: {path} (expected ../shared/data beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def photo_paths() -> list[Path]:
+    """The three real photos (LLaVA demo images and the COCO cats)."""
+    paths = sorted(p for p in _need(IMAGES).iterdir() if p.suffix in {".jpg", ".png"})
+    if len(paths) < 3:
+        pytest.fail(f"expected 3 photos in {IMAGES}, found {len(paths)}")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(models_root: Path) -> Path:
+    from svdprune_onnx.tiny import ensure_tiny_llava
+
+    return ensure_tiny_llava(models_root, tower="clip", text="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(models_root: Path) -> Path:
+    from svdprune_onnx.tiny import ensure_tiny_llava
+
+    return ensure_tiny_llava(models_root, tower="siglip", text="qwen2")
+
+
+@pytest.fixture(scope="session")
+def clip_pixels(tiny_clip: Path, photo_paths: list[Path]) -> np.ndarray:
+    """(3, 3, 336, 336) float32: the real photos through the tiny CLIP checkpoint's processor."""
+    from export.load import load_image_processor
+    from export.photos import validation_batches
+
+    return validation_batches(load_image_processor(tiny_clip), photo_paths)[1]
