@@ -42,6 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=d.seed, help="seed of the constant start block")
     ap.add_argument("-o", "--out", type=Path, help="bundle folder (default build/<name>-k<K>)")
     ap.add_argument("--vision-exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    ap.add_argument("--decoder-exporter", choices=C.DECODER_EXPORTERS, default="optimum")
+    ap.add_argument(
+        "--positions",
+        choices=C.POSITIONS_CHOICES,
+        default=C.POSITIONS_COMPACT,
+        help="position ids of kept image tokens: compact (0..S-1) or their original slots",
+    )
     ap.add_argument("-i", "--image", type=Path, action="append", help="validation image(s)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap.parse_args(argv)
@@ -55,18 +62,23 @@ def step(i: int, n: int, text: str) -> float:
 def main(args: argparse.Namespace) -> Path:
     """Export one bundle; returns its folder. Raises typed errors on bad input."""
     from export.bundle import atomic_dir, copy_side_files, package_versions, write_manifest
+    from export.decoder import export_decoder_optimum
     from export.load import load_image_processor, load_llava
-    from export.manifest import build_manifest
+    from export.manifest import build_manifest, prompt_section
     from export.photos import validation_batches
+    from export.text_graphs import decoder_parity, embed_parity, export_embed
     from export.vision import OPSET, export_vision, validate_vision
     from svdprune_onnx.select import PruneConfig, PruneError
+    from svdprune_onnx.text import causal_lm
     from svdprune_onnx.tiny import ensure_tiny_llava
     from svdprune_onnx.vision import PrunedVision, vision_token_count
 
-    t = step(1, 4, "loading checkpoint")
+    t = step(1, 5, "loading checkpoint")
     src = args.model or ensure_tiny_llava(REPO / "build" / "models")
     model = load_llava(src)
     processor = load_image_processor(src)
+    prompt = prompt_section(src)
+    lm = causal_lm(model)
     n = vision_token_count(model)
     if args.rank.lower() != "k" and not args.rank.isdigit():
         raise PruneError(f"--rank takes an integer or 'k', got {args.rank!r}")
@@ -90,31 +102,58 @@ def main(args: argparse.Namespace) -> Path:
           f"({time.perf_counter() - t:.1f}s)")  # fmt: skip
 
     with atomic_dir(out) as tmp:
-        t = step(2, 4, f"exporting {C.VISION_ONNX} ({args.vision_exporter})")
         (tmp / C.ONNX_DIR).mkdir()
+        t = step(2, 5, f"{C.VISION_ONNX}: export ({args.vision_exporter}) + parity on real photos")
         image_size = tuple(module.vm.embeddings.config.image_size for _ in range(2))
         export_vision(module, tmp / C.VISION_ONNX, image_size, args.vision_exporter)
-        print(f"      done ({time.perf_counter() - t:.1f}s)")
-
-        t = step(3, 4, "validating ONNX Runtime against PyTorch (batch 1 and 3, real photos)")
         report = validate_vision(module, tmp / C.VISION_ONNX, batches)
-        diff = report["image_features_max_abs_diff"]
-        print(f"      kept_indices identical, image_features max |diff| {diff:.2e} "
-              f"({time.perf_counter() - t:.1f}s)")  # fmt: skip
+        done(t, f"kept_indices identical, max |diff| {report['image_features_max_abs_diff']:.2e}")
 
-        step(4, 4, f"writing bundle {out}")
+        t = step(3, 5, f"{C.EMBED_ONNX}: export + parity")
+        export_embed(lm, tmp / C.EMBED_ONNX, OPSET)
+        report["embed_tokens_max_abs_diff"] = embed_parity(lm, tmp / C.EMBED_ONNX)
+        done(t, "identical embeddings")
+
+        t = step(4, 5, f"{C.DECODER_ONNX}: export ({args.decoder_exporter}) + parity")
+        if args.decoder_exporter == "torch":
+            from export.decoder_torch import export_decoder_torch as export_decoder
+        else:
+            export_decoder = export_decoder_optimum
+        export_decoder(lm, tmp / C.DECODER_ONNX, OPSET)
+        report["decoder_max_abs_diff"] = decoder_parity(lm, tmp / C.DECODER_ONNX)
+        done(t, f"prefill + 3 steps, batch 1/2, max |diff| {report['decoder_max_abs_diff']:.2e}")
+
+        step(5, 5, f"writing bundle {out}")
         copy_side_files(src, tmp)
         manifest = build_manifest(model, processor, prune, src, report)
-        manifest[C.KEY_EXPORTER] = {"packages": package_versions(), "opset": OPSET,
-                                    "vision_exporter": args.vision_exporter}  # fmt: skip
+        manifest[C.KEY_PRUNING][C.P_POSITIONS] = args.positions
+        manifest[C.KEY_PROMPT] = prompt
+        manifest[C.KEY_EXPORTER] = {
+            "packages": package_versions(),
+            "opset": OPSET,
+            "vision_exporter": args.vision_exporter,
+            "decoder_exporter": args.decoder_exporter,
+        }
         write_manifest(tmp, manifest)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"\nbundle: {out}  ({size / 2**20:.1f} MiB)")
-    for f in sorted(p for p in out.rglob("*") if p.is_file()):
-        print(f"  {f.relative_to(out).as_posix():40s} {f.stat().st_size / 2**20:8.2f} MiB")
-    print(f"K={prune.k} of N={n}, method={prune.method}, "
-          f"max |diff| vs PyTorch {report['image_features_max_abs_diff']:.2e}")  # fmt: skip
+    summary(out, prune, report)
     return out
+
+
+def done(t: float, text: str) -> None:
+    print(f"      {text} ({time.perf_counter() - t:.1f}s)", flush=True)
+
+
+def summary(out: Path, prune, report: dict) -> None:
+    """Files and sizes, what was pruned, the parity figures, and what to run next."""
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    print(f"\nbundle: {out}  ({sum(f.stat().st_size for f in files) / 2**20:.1f} MiB)")
+    for f in files:
+        print(f"  {f.relative_to(out).as_posix():40s} {f.stat().st_size / 2**20:8.2f} MiB")
+    vision, decoder = report["image_features_max_abs_diff"], report["decoder_max_abs_diff"]
+    print(f"K={prune.k} of N={prune.n}, method={prune.method} (r={prune.rank}, "
+          f"{prune.iterations} iterations); max |diff| vs PyTorch: vision {vision:.1e}, "
+          f"decoder {decoder:.1e}")  # fmt: skip
+    print(f"next: python -m runtime.bundle {out}   # verify checksums on the target device")
 
 
 def cli(argv: list[str] | None = None) -> int:

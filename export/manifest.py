@@ -9,6 +9,34 @@ from runtime import contract as C
 from svdprune_onnx.select import PruneConfig
 from svdprune_onnx.vision import llava_parts
 
+PROMPT_MARKER = "{prompt}"
+# LLaVA-1.5's conversation format, for checkpoints that ship no chat template.
+LLAVA15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+
+
+def prompt_section(src: Path) -> dict:
+    """One user turn with the image, rendered by the checkpoint's own chat template.
+
+    The runtime replaces PROMPT_MARKER with the user's text and the image placeholder with
+    exactly K image tokens; it never renders a template for single-turn use.
+    """
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(src, local_files_only=True, use_fast=False)
+    image = getattr(processor, "image_token", "<image>")
+    chat = getattr(processor, "chat_template", None)
+    if chat:
+        turn = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": PROMPT_MARKER}],
+            }
+        ]
+        template = processor.apply_chat_template(turn, add_generation_prompt=True)
+    else:
+        template = LLAVA15_TEMPLATE.replace("<image>", image)
+    return {C.PR_TEMPLATE: template, C.PR_MARKER: PROMPT_MARKER, C.PR_IMAGE: image, C.PR_CHAT: chat}
+
 
 def _size(value, key_h: str = "height", key_w: str = "width") -> list[int] | None:
     # processor sizes come as {"height", "width"}, {"shortest_edge"} or an int.
@@ -68,6 +96,31 @@ def build_manifest(model, processor, prune: PruneConfig, src: Path, validation: 
         C.KEY_TEXT: {
             C.T_IMAGE_TOKEN_ID: int(cfg.image_token_index),
             C.T_IMAGE_TOKENS: prune.k,
+            **text_facts(model),
         },
         C.KEY_VALIDATION: validation,
+    }
+
+
+def text_facts(llava) -> dict:
+    """Shapes the runtime needs for the KV cache and the prompt, read off the text config."""
+    cfg = llava.config.text_config
+    heads = cfg.num_attention_heads
+    gen = getattr(llava, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    eos = eos if eos is not None else cfg.eos_token_id
+    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+    return {
+        C.T_MODEL_TYPE: cfg.model_type,
+        C.T_HIDDEN: cfg.hidden_size,
+        C.T_LAYERS: cfg.num_hidden_layers,
+        C.T_HEADS: heads,
+        C.T_KV_HEADS: getattr(cfg, "num_key_value_heads", None) or heads,
+        C.T_HEAD_DIM: getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        C.T_VOCAB: cfg.vocab_size,
+        C.T_EOS: eos if isinstance(eos, list) else [eos] if eos is not None else [],
+        C.T_PAD: pad if pad is not None else cfg.pad_token_id,
+        C.T_BOS: cfg.bos_token_id,
+        C.T_MAX_POS: cfg.max_position_embeddings,
+        C.T_DTYPE: "float32",
     }

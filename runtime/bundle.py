@@ -51,3 +51,17 @@ def load_manifest(bundle: Path, verify: bool = True) -> dict:
                     f"{bundle}: {rel} does not match its sha256; re-copy or re-export"
                 )
     return manifest
+
+
+if __name__ == "__main__":  # python -m runtime.bundle BUNDLE: verify a copied bundle on the device
+    import sys
+
+    try:
+        m = load_manifest(Path(sys.argv[1]))
+    except (BundleError, IndexError) as e:
+        print(f"error: {e or 'usage: python -m runtime.bundle BUNDLE_DIR'}", file=sys.stderr)
+        sys.exit(2)
+    p = m[C.KEY_PRUNING]
+    print(
+        f"ok: {len(m[C.KEY_FILES])} files verified; K={p[C.P_K]} of N={p[C.P_N]}, {p[C.P_METHOD]}"
+    )

@@ -36,6 +36,19 @@ INPUTS_EMBEDS = "inputs_embeds"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+PAST_PREFIX = "past_key_values"
+PRESENT_PREFIX = "present"
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    """One layer's cache inputs (key, value): (batch, kv_heads, past, head_dim)."""
+    return f"{PAST_PREFIX}.{layer}.key", f"{PAST_PREFIX}.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    """One layer's cache outputs (key, value): (batch, kv_heads, past + seq, head_dim)."""
+    return f"{PRESENT_PREFIX}.{layer}.key", f"{PRESENT_PREFIX}.{layer}.value"
+
 
 # --- symbolic axis names ---------------------------------------------------------------------
 AXIS_BATCH = "batch_size"
@@ -52,6 +65,7 @@ KEY_TEXT = "text"
 KEY_FILES = "files"  # {relative path: sha256}
 KEY_EXPORTER = "exporter"  # {packages: {name: version}, opset}
 KEY_VALIDATION = "validation"  # max differences measured against PyTorch at export
+KEY_PROMPT = "prompt"  # {template, prompt_marker, image_placeholder, chat_template}
 
 # pruning.*
 P_K = "k"
@@ -63,6 +77,7 @@ P_OVERSAMPLE = "oversample"
 P_CENTER = "center"
 P_SCORED = "scored_features"
 P_SEED = "seed"
+P_POSITIONS = "position_ids"  # "compact" (0..S-1) or "original" (kept tokens keep their slots)
 
 # vision.*
 V_FEATURE_LAYER = "feature_layer"
@@ -79,8 +94,30 @@ V_TOWER = "tower"  # vision config model_type
 # text.*
 T_IMAGE_TOKEN_ID = "image_token_id"
 T_IMAGE_TOKENS = "image_tokens_per_image"  # = K
+T_MODEL_TYPE = "model_type"
+T_HIDDEN = "hidden_size"
+T_LAYERS = "num_layers"
+T_HEADS = "num_attention_heads"
+T_KV_HEADS = "num_kv_heads"
+T_HEAD_DIM = "head_dim"
+T_VOCAB = "vocab_size"
+T_EOS = "eos_token_id"  # list of ids
+T_PAD = "pad_token_id"
+T_BOS = "bos_token_id"
+T_MAX_POS = "max_position_embeddings"
+T_DTYPE = "dtype"
+
+# prompt.*
+PR_TEMPLATE = "template"  # one user turn with the image, rendered, with PR_MARKER for the text
+PR_MARKER = "prompt_marker"
+PR_IMAGE = "image_placeholder"  # expanded by the runtime to exactly K image tokens
+PR_CHAT = "chat_template"  # the checkpoint's jinja template, for multi-turn chat (or null)
 
 # --- values ----------------------------------------------------------------------------------
 SCORED_VISION = "vision"
 SCORED_PROJECTED = "projected"
 SCORED_CHOICES = (SCORED_VISION, SCORED_PROJECTED)
+POSITIONS_COMPACT = "compact"
+POSITIONS_ORIGINAL = "original"
+POSITIONS_CHOICES = (POSITIONS_COMPACT, POSITIONS_ORIGINAL)
+DECODER_EXPORTERS = ("optimum", "torch")

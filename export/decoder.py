@@ -1,0 +1,106 @@
+"""The language decoder with KV cache, taking inputs_embeds, exported with optimum (of record).
+
+    inputs_embeds (B,S,H) ┐
+    attention_mask (B,P+S)├─► *ForCausalLM (LLaVA's text model + lm_head) ─► logits (B,S,V)
+    position_ids (B,S)    │                                                 present.{i}.key/value
+    past_key_values.{i}.* ┘  (B,kv,P,hd); P = 0 on the first step          (B,kv,P+S,hd)
+
+One graph, no If: optimum exports the with-past model whose past may be empty, which is what
+transformers.js and ONNX Runtime GenAI call decoder_model_merged.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import onnx
+import torch
+from optimum.exporters.onnx import onnx_export_from_model
+from optimum.exporters.onnx.config import TextDecoderWithPositionIdsOnnxConfig
+from optimum.utils import (
+    DummyTextInputGenerator,
+    MistralDummyPastKeyValuesGenerator,
+    NormalizedTextConfigWithGQA,
+)
+
+from runtime import contract as C
+
+# Dummy shapes for tracing: all >= 2 so no axis gets specialised to a constant.
+DUMMY_BATCH, DUMMY_SEQ, DUMMY_PAST = 2, 4, 3
+
+
+class InputsEmbedsDecoderOnnxConfig(TextDecoderWithPositionIdsOnnxConfig):
+    """optimum's decoder config (Llama, Qwen2, Mistral: GQA aware) fed inputs_embeds."""
+
+    NORMALIZED_CONFIG_CLASS = NormalizedTextConfigWithGQA
+    DUMMY_INPUT_GENERATOR_CLASSES = (DummyTextInputGenerator, MistralDummyPastKeyValuesGenerator)
+    DUMMY_PKV_GENERATOR_CLASS = MistralDummyPastKeyValuesGenerator
+
+    @property
+    def inputs(self) -> dict[str, dict[int, str]]:
+        # Same inputs as the text decoder, with input_ids swapped for inputs_embeds in place.
+        renamed = OrderedDict()
+        for name, axes in super().inputs.items():
+            if name == C.INPUT_IDS:
+                renamed[C.INPUTS_EMBEDS] = {0: C.AXIS_BATCH, 1: C.AXIS_SEQ}
+            else:
+                renamed[name] = axes
+        return renamed
+
+    def generate_dummy_inputs(self, framework: str = "pt", **kwargs) -> dict:
+        """inputs_embeds (B,S,H), a full mask over P+S, positions P..P+S-1, a past of P."""
+        cfg = self._normalized_config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv = (DUMMY_BATCH, cfg.num_key_value_heads, DUMMY_PAST, head_dim)
+        total = DUMMY_PAST + DUMMY_SEQ
+        return {
+            C.INPUTS_EMBEDS: torch.randn(DUMMY_BATCH, DUMMY_SEQ, cfg.hidden_size),
+            C.ATTENTION_MASK: torch.ones(DUMMY_BATCH, total, dtype=torch.int64),
+            C.POSITION_IDS: torch.arange(DUMMY_PAST, total).expand(DUMMY_BATCH, -1).contiguous(),
+            C.PAST_PREFIX: [(torch.randn(kv), torch.randn(kv)) for _ in range(cfg.num_layers)],
+        }
+
+
+def _move_onnx(src: Path, dst: Path) -> None:
+    """Move a graph and its external data (if any) to `dst`, renaming the data file to match.
+
+    Only the tensor records are rewritten (weights are not loaded), so this costs no memory.
+    """
+    model = onnx.load(str(src), load_external_data=False)
+    data_name = dst.name + "_data"
+    moved = set()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                moved.add(entry.value)
+                entry.value = data_name
+    if len(moved) > 1:
+        raise RuntimeError(f"expected one external data file, optimum wrote {sorted(moved)}")
+    for name in moved:
+        shutil.move(str(src.parent / name), str(dst.parent / data_name))
+    onnx.save(model, str(dst))
+
+
+def export_decoder_optimum(lm: torch.nn.Module, path: Path, opset: int = 18) -> None:
+    """Export `lm` (see svdprune_onnx.text.causal_lm) to `path` with optimum-onnx."""
+    cfg = InputsEmbedsDecoderOnnxConfig(
+        lm.config, task="text-generation", use_past=True, use_past_in_inputs=True
+    )
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Our own validation (export.text_parity) is stricter than optimum's; skip theirs.
+        onnx_export_from_model(
+            lm,
+            tmp,
+            task="text-generation-with-past",
+            custom_onnx_configs={"model": cfg},
+            opset=opset,
+            do_validation=False,
+            no_post_process=True,
+        )
+        _move_onnx(Path(tmp) / "model.onnx", path)
