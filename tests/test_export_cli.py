@@ -28,7 +28,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_bundle_layout_and_manifest(bundle: Path) -> None:
     m = load_manifest(bundle)  # verifies every sha256
-    assert (bundle / C.VISION_ONNX).is_file()
+    for graph in (C.VISION_ONNX, C.EMBED_ONNX, C.DECODER_ONNX):
+        assert (bundle / graph).is_file() and graph in m[C.KEY_FILES]
     for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):
         assert (bundle / name).is_file() and name in m[C.KEY_FILES]
     p = m[C.KEY_PRUNING]
@@ -37,7 +38,16 @@ def test_bundle_layout_and_manifest(bundle: Path) -> None:
     v = m[C.KEY_VISION]
     assert v[C.V_FEATURE_LAYER] == -2 and v[C.V_SELECT_STRATEGY] == "default"
     assert v[C.V_IMAGE_SIZE] == [336, 336] and len(v[C.V_IMAGE_MEAN]) == len(v[C.V_IMAGE_STD]) == 3
-    assert m[C.KEY_TEXT][C.T_IMAGE_TOKEN_ID] == 4
+    t = m[C.KEY_TEXT]
+    assert t[C.T_IMAGE_TOKEN_ID] == 4 and t[C.T_IMAGE_TOKENS] == 16
+    assert (t[C.T_HIDDEN], t[C.T_LAYERS], t[C.T_KV_HEADS], t[C.T_HEAD_DIM]) == (64, 2, 2, 16)
+    assert t[C.T_EOS] == [2] and t[C.T_PAD] == 3 and t[C.T_MAX_POS] == 2048
+    pr = m[C.KEY_PROMPT]
+    assert pr[C.PR_TEMPLATE].count(pr[C.PR_IMAGE]) == 1 and pr[C.PR_MARKER] in pr[C.PR_TEMPLATE]
+    assert m[C.KEY_PRUNING][C.P_POSITIONS] == C.POSITIONS_COMPACT
+    assert m[C.KEY_VALIDATION]["decoder_max_abs_diff"] <= 1e-4
+    assert m[C.KEY_VALIDATION]["embed_tokens_max_abs_diff"] == 0.0
+    assert m[C.KEY_EXPORTER]["decoder_exporter"] == "optimum"
     assert m[C.KEY_VALIDATION]["kept_indices_equal"] is True
     assert m[C.KEY_VALIDATION]["image_features_max_abs_diff"] <= export.vision.FEATURE_ATOL
     assert m[C.KEY_EXPORTER]["packages"]["torch"].startswith("2.13.0")
@@ -48,6 +58,46 @@ def test_bundle_runs_in_ort_alone(bundle: Path, clip_pixels: np.ndarray) -> None
     feats, idx = export.vision.run_vision(bundle / C.VISION_ONNX, clip_pixels)
     assert feats.shape == (3, 16, 64) and idx.shape == (3, 16)
     assert np.isfinite(feats).all()
+
+
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def test_text_graph_contract(bundle: Path) -> None:
+    import onnx
+
+    embed = onnx.load(str(bundle / C.EMBED_ONNX))
+    assert [(i.name, _dims(i)) for i in embed.graph.input] == [
+        (C.INPUT_IDS, [C.AXIS_BATCH, C.AXIS_SEQ])
+    ]
+    assert [(o.name, _dims(o)) for o in embed.graph.output] == [
+        (C.INPUTS_EMBEDS, [C.AXIS_BATCH, C.AXIS_SEQ, 64])
+    ]
+    dec = onnx.load(str(bundle / C.DECODER_ONNX))
+    assert not {n.op_type for n in dec.graph.node} & {"If", "Loop", "Scan"}
+    ins = {i.name: _dims(i) for i in dec.graph.input}
+    outs = {o.name: _dims(o) for o in dec.graph.output}
+    assert ins.pop(C.INPUTS_EMBEDS) == [C.AXIS_BATCH, C.AXIS_SEQ, 64]
+    assert ins.pop(C.ATTENTION_MASK) == [C.AXIS_BATCH, C.AXIS_TOTAL]
+    assert ins.pop(C.POSITION_IDS) == [C.AXIS_BATCH, C.AXIS_SEQ]
+    assert outs.pop(C.LOGITS) == [C.AXIS_BATCH, C.AXIS_SEQ, 1000]
+    for i in range(2):
+        for name in C.past_names(i):
+            assert ins.pop(name) == [C.AXIS_BATCH, 2, C.AXIS_PAST, 16]
+        for name in C.present_names(i):
+            assert outs.pop(name) == [C.AXIS_BATCH, 2, C.AXIS_TOTAL, 16]
+    assert ins == {} and outs == {}, "no extra graph inputs or outputs"
+
+
+def test_missing_file_is_detected(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "b"
+    shutil.copytree(bundle, bad)
+    (bad / C.DECODER_ONNX).unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_manifest(bad)
 
 
 def test_tampered_or_foreign_bundle_is_refused(bundle: Path, tmp_path: Path) -> None:
