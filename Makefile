@@ -1,7 +1,8 @@
 # svdprune-onnx: two commands on a fresh machine.
 #   make export K=16   -> build/tiny-llava-k16/ (creates .venv, installs pinned deps, builds the tiny model)
 #   make test          -> the CPU test suite that CI runs
-# Variables for export: K, MODEL (local HF LLaVA checkpoint dir), METHOD, RANK, ITERS, CENTER, SCORE, OUT.
+# Variables for export: K, MODEL (local HF LLaVA checkpoint dir) or PRESET=medium, METHOD, RANK,
+# ITERS, CENTER, SCORE, POSITIONS, DECODER_EXPORTER, OUT.
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -13,6 +14,15 @@ K       ?= 16
 EXPORT_ARGS := --k $(K)
 ifdef MODEL
 EXPORT_ARGS += -m $(MODEL)
+endif
+ifdef PRESET
+EXPORT_ARGS += --preset $(PRESET)
+endif
+ifdef DECODER_EXPORTER
+EXPORT_ARGS += --decoder-exporter $(DECODER_EXPORTER)
+endif
+ifdef POSITIONS
+EXPORT_ARGS += --positions $(POSITIONS)
 endif
 ifdef METHOD
 EXPORT_ARGS += --method $(METHOD)

@@ -74,7 +74,13 @@ def main(args: argparse.Namespace) -> Path:
     from svdprune_onnx.vision import PrunedVision, vision_token_count
 
     t = step(1, 5, "loading checkpoint")
-    src = args.model or ensure_tiny_llava(REPO / "build" / "models")
+    models = REPO / "build" / "models"
+    if args.model:
+        src = args.model
+    elif args.preset == "medium":
+        src = ensure_tiny_llava(models, tower="clip", text="qwen2", preset="medium")
+    else:
+        src = ensure_tiny_llava(models)
     model = load_llava(src)
     processor = load_image_processor(src)
     prompt = prompt_section(src)

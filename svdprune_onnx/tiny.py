@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,32 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 
 TINY_NAME = "tiny-llava"
 DEFAULT_MODELS_DIR = Path("build/models")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Widths and depths of a built-in checkpoint (the token count is always 576)."""
+
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    vocab: int | None = None  # None: the tokenizer's size
+    tie_embeddings: bool = False
+
+
+PRESETS: dict[str, Sizes] = {
+    # Seconds to build and export on 2 cores: mechanics only.
+    "tiny": Sizes(64, 128, 3, 4, 64, 128, 2, 4, 2),
+    # Real shapes (random weights): CLIP ViT-L/14-336 + a Qwen2-0.5B-shaped decoder, as
+    # llava-interleave-qwen-0.5b deploys; for export cost and latency figures, not for tests.
+    "medium": Sizes(1024, 4096, 24, 16, 896, 4864, 24, 14, 2, 151936, True),
+}
 
 TOWERS = ("clip", "siglip")
 TEXT_MODELS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
@@ -162,15 +189,15 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _vision_parts(tower: str) -> tuple[object, int | list[int], str, object, int]:
+def _vision_parts(tower: str, size: Sizes) -> tuple[object, int | list[int], str, object, int]:
     """Vision config, feature layer, select strategy, image processor, extra (CLS) tokens."""
     sizes = dict(
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
+        hidden_size=size.vision_hidden,
+        intermediate_size=size.vision_intermediate,
+        num_hidden_layers=size.vision_layers,
+        num_attention_heads=size.vision_heads,
     )
     if tower == "clip":
         # llava-1.5 recipe: penultimate layer, drop CLS ("default") -> 576 of 577 positions.
@@ -182,7 +209,8 @@ def _vision_parts(tower: str) -> tuple[object, int | list[int], str, object, int
             image_std=OPENAI_CLIP_STD,
             resample=PILImageResampling.BICUBIC,
         )
-        return CLIPVisionConfig(projection_dim=64, **sizes), -2, "default", image_processor, 1
+        clip = CLIPVisionConfig(projection_dim=64, hidden_act="quick_gelu", **sizes)
+        return clip, -2, "default", image_processor, 1
     # SigLIP has no CLS token, so all 576 positions are image tokens ("full").
     image_processor = SiglipImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -206,19 +234,20 @@ def _matches(path: Path, tower: str, text: str) -> bool:
     )
 
 
-def _write_checkpoint(dst: Path, tower: str, text: str, seed: int) -> None:
+def _write_checkpoint(dst: Path, tower: str, text: str, seed: int, preset: str) -> None:
     """Build tokenizer, processor and model and save them all into `dst` (an existing dir)."""
     tokenizer = _build_tokenizer()
-    vision_config, feature_layer, strategy, image_processor, extra = _vision_parts(tower)
+    size = PRESETS[preset]
+    vision_config, feature_layer, strategy, image_processor, extra = _vision_parts(tower, size)
     text_config = TEXT_MODELS[text](
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        vocab_size=len(tokenizer),
-        tie_word_embeddings=False,
+        hidden_size=size.text_hidden,
+        intermediate_size=size.text_intermediate,
+        num_hidden_layers=size.text_layers,
+        num_attention_heads=size.text_heads,
+        num_key_value_heads=size.text_kv_heads,
+        max_position_embeddings=2048 if preset == "tiny" else 32768,
+        vocab_size=size.vocab or len(tokenizer),
+        tie_word_embeddings=size.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -231,7 +260,7 @@ def _write_checkpoint(dst: Path, tower: str, text: str, seed: int) -> None:
         vision_feature_select_strategy=strategy,
         vision_feature_layer=feature_layer,
         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
-        tie_word_embeddings=False,
+        tie_word_embeddings=size.tie_embeddings,
         pad_token_id=tokenizer.pad_token_id,
     )
     # fork_rng: seed deterministically without clobbering the caller's global RNG state.
@@ -259,7 +288,7 @@ def _write_checkpoint(dst: Path, tower: str, text: str, seed: int) -> None:
 
 
 def build_tiny_llava(
-    out_dir: Path, *, tower: str = "clip", text: str = "llama", seed: int = 0
+    out_dir: Path, *, tower: str = "clip", text: str = "llama", seed: int = 0, preset: str = "tiny"
 ) -> Path:
     """Build a tiny random LLaVA checkpoint folder at `out_dir` and return it.
 
@@ -269,6 +298,8 @@ def build_tiny_llava(
     """
     if tower not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
     if text not in TEXT_MODELS:
         raise ValueError(f"text must be one of {tuple(TEXT_MODELS)}, got {text!r}")
     out_dir = Path(out_dir)
@@ -281,7 +312,7 @@ def build_tiny_llava(
     # Same parent -> same filesystem, so the final rename is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _write_checkpoint(tmp, tower, text, seed)
+        _write_checkpoint(tmp, tower, text, seed, preset)
         try:
             os.replace(tmp, out_dir)
         except OSError:
@@ -294,9 +325,12 @@ def build_tiny_llava(
     return out_dir
 
 
-def tiny_name(*, tower: str = "clip", text: str = "llama", seed: int = 0) -> str:
+def tiny_name(
+    *, tower: str = "clip", text: str = "llama", seed: int = 0, preset: str = "tiny"
+) -> str:
     """Folder name for a variant: plain TINY_NAME for the default, suffixed otherwise."""
-    name = TINY_NAME if (tower, text) == ("clip", "llama") else f"{TINY_NAME}-{tower}-{text}"
+    base = TINY_NAME if preset == "tiny" else f"{preset}-llava"
+    name = base if (tower, text) == ("clip", "llama") else f"{base}-{tower}-{text}"
     # The seed is part of the name so a cached folder is never mistaken for another seed's weights.
     return name if seed == 0 else f"{name}-seed{seed}"
 
