@@ -35,12 +35,17 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 BENCH_DIR = REPO_ROOT / "build" / "bench"
 
 
-def clip_l_llava(seed: int = 0, text_hidden: int = 4096) -> LlavaForConditionalGeneration:
-    """Random-weight LLaVA with a CLIP ViT-L/14-336 tower, layer -2, "default" strategy."""
+def clip_l_llava(
+    seed: int = 0, text_hidden: int = 4096, vision_layers: int = 24
+) -> LlavaForConditionalGeneration:
+    """Random-weight LLaVA with a CLIP ViT-L/14-336 tower, layer -2, "default" strategy.
+
+    `vision_layers` < 24 gives a shallower tower of the same width (quick runs only).
+    """
     vision = CLIPVisionConfig(
         hidden_size=VISION_HIDDEN,
         intermediate_size=4096,
-        num_hidden_layers=24,
+        num_hidden_layers=vision_layers,
         num_attention_heads=16,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
@@ -113,10 +118,10 @@ def pixel_values(paths: list[Path]) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def build_logged(seed: int = 0) -> LlavaForConditionalGeneration:
+def build_logged(seed: int = 0, vision_layers: int = 24) -> LlavaForConditionalGeneration:
     """clip_l_llava with a console line, since building 300M random weights takes a while."""
     t0 = time.perf_counter()
-    print("building random-weight CLIP-L/336 LLaVA (text hidden 4096) ...", flush=True)
-    model = clip_l_llava(seed)
+    print(f"building random-weight CLIP-L/336 LLaVA ({vision_layers} layers) ...", flush=True)
+    model = clip_l_llava(seed, vision_layers=vision_layers)
     print(f"  built in {time.perf_counter() - t0:.1f} s", flush=True)
     return model

@@ -30,6 +30,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "-m", "--model", type=Path, help="local LLaVA checkpoint folder (default: tiny)"
     )
+    ap.add_argument(
+        "--preset",
+        choices=("tiny", "medium"),
+        default="tiny",
+        help="built-in random-weight checkpoint when no -m: tiny (CLIP+Llama, seconds) or medium "
+        "(CLIP ViT-L/14-336 + Qwen2-0.5B shapes, real compute)",
+    )
     ap.add_argument("--k", type=int, default=16, help="vision tokens kept per image (default 16)")
     ap.add_argument("--method", choices=METHODS, default=d.method, help=f"default {d.method}")
     ap.add_argument(

@@ -42,7 +42,7 @@ def prepare(X: torch.Tensor, center: bool) -> torch.Tensor:
     token is subtracted first (leverage then ranks tokens by how they differ from the mean).
     """
     X = X.float()
-    X = torch.where(torch.isfinite(X), X, torch.zeros_like(X))
+    X = torch.where(torch.isfinite(X), X, 0.0)  # a scalar: no (B, N, d) constant when traced
     if center:
         X = X - X.mean(dim=1, keepdim=True)
     scale = X.abs().amax(dim=(1, 2), keepdim=True).clamp_min(_TINY)
@@ -161,8 +161,8 @@ def leverage(
     X: torch.Tensor,
     rank: int,
     method: str = GRAM,
-    iters: int = 8,
-    center: bool = True,
+    iters: int = 16,
+    center: bool = False,
     oversample: int = 4,
     seed: int = 0,
     start: torch.Tensor | None = None,
