@@ -43,7 +43,7 @@ ifdef OUT
 EXPORT_ARGS += -o $(OUT)
 endif
 
-.PHONY: venv export test lint format bench-fidelity bench-overhead clean
+.PHONY: venv export run test lint format bench-fidelity bench-overhead clean
 
 venv: $(STAMP)
 
@@ -58,6 +58,14 @@ $(STAMP): pyproject.toml requirements/runtime.txt requirements/export.txt requir
 
 export: $(STAMP)
 	$(PY) -m export $(EXPORT_ARGS)
+
+# Answer a question about a real photo with the default bundle, exporting it first if missing.
+BUNDLE ?= build/tiny-llava-k$(K)
+IMAGE  ?= ../shared/data/images/coco_cats.png
+PROMPT ?= What is in the image?
+run: $(STAMP)
+	test -f $(BUNDLE)/svdprune.json || $(PY) -m export $(EXPORT_ARGS)
+	$(PY) -m runtime.run -m $(BUNDLE) -i $(IMAGE) -p "$(PROMPT)" --max-new-tokens 32 --timings
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,214 @@
+"""The generation loop over a bundle: vision -> embed -> scatter -> prefill -> decode (KV cache).
+
+    pixels (B,3,H,W) ─► vision_encoder ─► image_features (B,K,D), kept_indices (B,K)
+    prompts ─► template ─► ids with K image tokens, left-padded (B,S)
+            ─► embed_tokens ─► inputs_embeds (B,S,D) ◄─ scatter image_features at image tokens
+    decoder: prefill (past = 0) ─► logits ─► pick ─► embed one token ─► decode step ... eos/limit
+
+The KV cache never leaves the decoder's device: presents come back as OrtValues through
+IOBinding and are bound as the next step's past (on CPU the same code path runs on host memory).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from runtime import contract as C
+from runtime.bundle import BundleError, load_manifest
+from runtime.session import SessionConfig, device_of, open_session
+
+
+class PromptError(ValueError):
+    """The prompt cannot be run (too long for the context, or empty)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when temperature == 0; otherwise temperature / top-k / top-p with a seed."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    """One answer: generated ids and text, the prompt as fed, kept tokens, per-stage timings."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    kept_indices: list[int] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row from (B, V) logits."""
+    if s.temperature <= 0:
+        return logits.argmax(axis=-1)
+    z = logits.astype(np.float64) / s.temperature
+    if s.top_k > 0:
+        kth = np.sort(z, axis=-1)[:, -min(s.top_k, z.shape[-1])][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    if s.top_p < 1.0:  # nucleus: the smallest set of tokens whose mass reaches top_p
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, axis=-1)
+        keep_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p < s.top_p  # keeps the top one
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+class Pipeline:
+    """A loaded bundle: manifest, tokenizer and the three sessions."""
+
+    def __init__(self, bundle: Path, cfg: SessionConfig | None = None) -> None:
+        self.bundle = Path(bundle)
+        self.m = load_manifest(self.bundle)
+        self.text = self.m[C.KEY_TEXT]
+        self.prompt_cfg = self.m[C.KEY_PROMPT]
+        cfg = cfg or SessionConfig()
+        self.tokenizer = Tokenizer.from_file(str(self.bundle / "tokenizer.json"))
+        self.vision = open_session(self.bundle / C.VISION_ONNX, "vision", cfg, self.bundle)
+        self.embed = open_session(self.bundle / C.EMBED_ONNX, "text", cfg, self.bundle)
+        self.decoder = open_session(self.bundle / C.DECODER_ONNX, "text", cfg, self.bundle)
+        self.device = device_of(self.decoder)
+        self.k = self.text[C.T_IMAGE_TOKENS]
+        missing = {C.KEY_PROMPT, C.KEY_TEXT} - self.m.keys()
+        if missing:
+            raise BundleError(f"{bundle}: manifest lacks {sorted(missing)}; re-export the bundle")
+
+    # --- prompt ----------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The user's text in the bundle's template, with exactly K image tokens."""
+        p = self.prompt_cfg
+        text = p[C.PR_TEMPLATE].replace(p[C.PR_MARKER], prompt)
+        return self.encode_with_image(text)
+
+    def encode_with_image(self, text: str) -> list[int]:
+        image = self.prompt_cfg[C.PR_IMAGE]
+        if text.count(image) != 1:
+            raise PromptError(f"the prompt must contain the image placeholder {image!r} once")
+        ids = self.tokenizer.encode(text.replace(image, image * self.k)).ids
+        n_img = sum(1 for i in ids if i == self.text[C.T_IMAGE_TOKEN_ID])
+        if n_img != self.k:
+            raise PromptError(f"prompt holds {n_img} image tokens, the bundle needs {self.k}")
+        return ids
+
+    def positions(self, ids: np.ndarray, mask: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """(B, S) position ids: compact, or kept image tokens at their original slots."""
+        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        if self.m[C.KEY_PRUNING].get(C.P_POSITIONS) != C.POSITIONS_ORIGINAL:
+            return pos
+        n = self.m[C.KEY_PRUNING][C.P_N]
+        for b in range(len(ids)):
+            img = np.nonzero(ids[b] == self.text[C.T_IMAGE_TOKEN_ID])[0]
+            pos[b, img] = pos[b, img[0]] + kept[b]
+            pos[b, img[-1] + 1 :] += n - self.k  # text after the image starts at offset N
+        return pos
+
+    # --- the loop --------------------------------------------------------------------------
+    def generate(
+        self,
+        pixels: np.ndarray,
+        prompts: list[list[int]],
+        s: Sampling,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Result]:
+        """Answer B (image, prompt-ids) pairs in one batch; `on_token(row, id)` streams."""
+        t0 = time.perf_counter()
+        feats, kept = self.vision.run(None, {C.PIXEL_VALUES: pixels})  # (B,K,D), (B,K)
+        t_vision = time.perf_counter()
+        B, S = len(prompts), max(len(p) for p in prompts)
+        max_pos = self.text[C.T_MAX_POS]
+        need = (
+            S
+            + s.max_new_tokens
+            + (self.m[C.KEY_PRUNING][C.P_N] - self.k)
+            * (self.m[C.KEY_PRUNING].get(C.P_POSITIONS) == C.POSITIONS_ORIGINAL)
+        )
+        if need > max_pos:
+            raise PromptError(
+                f"prompt of {S} tokens + {s.max_new_tokens} new tokens needs {need} positions, "
+                f"the model has {max_pos}; shorten the prompt or lower --max-new-tokens"
+            )
+        pad = self.text[C.T_PAD] if self.text[C.T_PAD] is not None else 0
+        ids = np.full((B, S), pad, np.int64)
+        mask = np.zeros((B, S), np.int64)
+        for b, p in enumerate(prompts):  # left padding keeps every row's last token at S-1
+            ids[b, S - len(p) :], mask[b, S - len(p) :] = p, 1
+        (embeds,) = self.embed.run(None, {C.INPUT_IDS: ids})  # (B,S,D)
+        img = ids == self.text[C.T_IMAGE_TOKEN_ID]
+        embeds[img] = feats.reshape(-1, feats.shape[-1])  # row-major: K per row, in order
+        pos = self.positions(ids, mask, kept)
+
+        binding = self.decoder.io_binding()
+        layers, kv, hd = self.text[C.T_LAYERS], self.text[C.T_KV_HEADS], self.text[C.T_HEAD_DIM]
+        empty = np.zeros((B, kv, 0, hd), np.float32)
+        for i in range(layers):
+            for name in C.past_names(i):
+                binding.bind_ortvalue_input(
+                    name, ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0)
+                )
+        out_names = [o.name for o in self.decoder.get_outputs()]
+        past_for = dict(
+            zip(
+                [n for i in range(layers) for n in C.present_names(i)],
+                [n for i in range(layers) for n in C.past_names(i)],
+                strict=True,
+            )
+        )
+        rng = np.random.default_rng(s.seed)
+        eos = set(self.text[C.T_EOS])
+        done = np.zeros(B, bool)
+        results = [Result(prompt_token_ids=list(map(int, ids[b][mask[b] == 1]))) for b in range(B)]
+        t_first = None
+        for _step in range(s.max_new_tokens):
+            binding.bind_cpu_input(C.INPUTS_EMBEDS, np.ascontiguousarray(embeds))
+            binding.bind_cpu_input(C.ATTENTION_MASK, mask)
+            binding.bind_cpu_input(C.POSITION_IDS, np.ascontiguousarray(pos))
+            for name in out_names:
+                binding.bind_output(name, self.device)
+            self.decoder.run_with_iobinding(binding)
+            outs = binding.get_outputs()
+            logits = outs[0].numpy()[:, -1]  # only the last position crosses to the host
+            for name, value in zip(out_names[1:], outs[1:], strict=True):
+                binding.bind_ortvalue_input(past_for[name], value)  # stays on the device
+            tokens = pick(logits, s, rng)
+            t_first = t_first or time.perf_counter()
+            for b in range(B):
+                if not done[b]:
+                    results[b].token_ids.append(int(tokens[b]))
+                    if on_token:
+                        on_token(b, int(tokens[b]))
+                    done[b] = int(tokens[b]) in eos
+            if done.all():
+                break
+            (embeds,) = self.embed.run(None, {C.INPUT_IDS: tokens.astype(np.int64)[:, None]})
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+            pos = pos[:, -1:] + 1
+        t_end = time.perf_counter()
+        for b, r in enumerate(results):
+            r.kept_indices = [int(i) for i in kept[b]]
+            r.text = self.tokenizer.decode(
+                [t for t in r.token_ids if t not in eos], skip_special_tokens=True
+            )
+            r.timings_ms = {
+                "vision": (t_vision - t0) * 1e3,
+                "prefill": (t_first - t_vision) * 1e3,
+                "decode": (t_end - t_first) * 1e3,
+            }
+        return results

@@ -1,0 +1,165 @@
+"""svdprune-run / python -m runtime.run: image + prompt -> answer, on ONNX Runtime only.
+
+    python -m runtime.run -m build/tiny-llava-k16 -i photo.jpg -p "What is in the image?"
+    python -m runtime.run -m BUNDLE -i a.jpg -i b.jpg -p "Describe it." --json --timings
+    python -m runtime.run -m BUNDLE -i photo.jpg            # interactive chat on stdin
+
+Needs only onnxruntime(-gpu), numpy, tokenizers, Pillow (and jinja2 for multi-turn chat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from runtime.bundle import BundleError
+from runtime.generate import Pipeline, PromptError, Sampling
+from runtime.preprocess import ImageError, load_image, preprocess_batch
+from runtime.session import OPT_LEVELS, PROVIDER_CHOICES, ProviderError, SessionConfig
+
+USER_ERRORS = (BundleError, ImageError, PromptError, ProviderError, FileNotFoundError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="svdprune-run", description=__doc__.splitlines()[0])
+    ap.add_argument("-m", "--model", type=Path, required=True, help="bundle folder (make export)")
+    ap.add_argument("-i", "--image", type=Path, action="append", default=[], help="image(s)")
+    ap.add_argument("-p", "--prompt", help="question; without it: interactive chat on stdin")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ORT default)")
+    ap.add_argument("--opt-level", choices=tuple(OPT_LEVELS), default="all")
+    ap.add_argument("--fp16", action="store_true", help="TensorRT fp16 for the vision graph")
+    ap.add_argument("--timings", action="store_true", help="TTFT, tokens/s and stage times")
+    ap.add_argument("--json", action="store_true", help="one JSON object per answer on stdout")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    return ap.parse_args(argv)
+
+
+def answer_json(result, elapsed_ms: dict) -> str:
+    """The --json line: text, ids, prompt as fed, kept tokens, timings, tokens/s."""
+    n = len(result.token_ids)
+    decode_s = result.timings_ms["decode"] / 1e3
+    return json.dumps(
+        {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "prompt_token_ids": result.prompt_token_ids,
+            "kept_indices": result.kept_indices,
+            "timings_ms": {**elapsed_ms, **result.timings_ms},
+            "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+        }
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    # 1. bundle: manifest (checksums verified), tokenizer, sessions on the chosen providers
+    cfg = SessionConfig(args.provider, args.threads, args.opt_level, args.fp16)
+    pipe = Pipeline(args.model, cfg)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    if not args.image:
+        raise ImageError("no image given; pass one or more -i PATH")
+    # 2. images -> pixel_values (B,3,H,W), exactly as the checkpoint's processor would
+    t1 = time.perf_counter()
+    pixels = preprocess_batch([load_image(p) for p in args.image], pipe.m["vision"])
+    preprocess_ms = (time.perf_counter() - t1) * 1e3
+    if args.prompt is None:
+        return chat(pipe, pixels[:1], sampling)
+    # 3. prompt -> ids with K image tokens (one prompt for every image)
+    prompts = [pipe.prompt_ids(args.prompt)] * len(pixels)
+    # 4. vision + prefill + decode, streaming tokens as they come
+    stream = StreamPrinter(pipe) if not args.json and len(pixels) == 1 else None
+    results = pipe.generate(pixels, prompts, sampling, stream)
+    total_ms = (time.perf_counter() - t0) * 1e3
+    # 5. report
+    for r in results:
+        extra = {"preprocess": preprocess_ms, "total": total_ms}
+        extra["ttft"] = preprocess_ms + r.timings_ms["vision"] + r.timings_ms["prefill"]
+        if args.json:
+            print(answer_json(r, extra), flush=True)
+        elif stream is None:
+            print(r.text, flush=True)
+    if stream is not None:
+        print(flush=True)
+    if args.timings:
+        print_timings(results, preprocess_ms, total_ms)
+    return 0
+
+
+class StreamPrinter:
+    """Prints the decoded text of row 0 as tokens arrive (decoding the whole tail each time, so
+    byte-level pieces that only form a character together print correctly)."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe, self.ids, self.shown = pipe, [], ""
+
+    def __call__(self, row: int, token: int) -> None:
+        if row or token in self.pipe.text["eos_token_id"]:
+            return
+        self.ids.append(token)
+        text = self.pipe.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the rest
+            sys.stdout.write(text[len(self.shown) :])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def print_timings(results, preprocess_ms: float, total_ms: float) -> None:
+    r = results[0]
+    t = r.timings_ms
+    n = sum(len(x.token_ids) for x in results)
+    steps = max(len(x.token_ids) for x in results)
+    ttft = preprocess_ms + t["vision"] + t["prefill"]
+    tps = (steps - 1) / (t["decode"] / 1e3) if steps > 1 and t["decode"] > 0 else float("nan")
+    print(
+        f"timings: preprocess {preprocess_ms:.1f} ms | vision+prune {t['vision']:.1f} ms | "
+        f"prefill {t['prefill']:.1f} ms | time to first token {ttft:.1f} ms | "
+        f"decode {tps:.1f} tokens/s per sequence ({n} tokens, batch {len(results)}) | "
+        f"total {total_ms:.1f} ms",
+        file=sys.stderr,
+    )
+
+
+def chat(pipe: Pipeline, pixels: np.ndarray, sampling: Sampling) -> int:
+    """A small multi-turn chat on one image: each turn re-renders the conversation."""
+    from runtime.chat import render
+
+    messages: list[dict] = []
+    for line in sys.stdin:
+        question = line.strip()
+        if not question:
+            continue
+        if question in ("/exit", "/quit"):
+            break
+        messages.append({"role": "user", "text": question})
+        ids = pipe.encode_with_image(render(pipe, messages))
+        (r,) = pipe.generate(pixels, [ids], sampling)
+        print(r.text, flush=True)
+        messages.append({"role": "assistant", "text": r.text})
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return main(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
