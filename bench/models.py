@@ -19,9 +19,9 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
 from export.photos import load_rgb
+from svdprune_onnx.tiny import llava15_image_processor
 
 IMAGE_SIZE = 336
 PATCH_SIZE = 14
@@ -83,15 +83,8 @@ def clip_l_llava(
 
 
 def clip_l_processor() -> CLIPImageProcessor:
-    """LLaVA-1.5's preprocessing: shortest edge 336, center crop 336, OpenAI mean/std, bicubic."""
-    return CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_center_crop=True,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-        resample=PILImageResampling.BICUBIC,
-    )
+    """LLaVA-1.5's preprocessing (the same object the tiny checkpoint ships)."""
+    return llava15_image_processor()
 
 
 def photo_paths(n: int) -> list[Path]:

@@ -189,6 +189,18 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def llava15_image_processor() -> CLIPImageProcessor:
+    """LLaVA-1.5's preprocessing: shortest edge 336, center crop 336, OpenAI mean/std, bicubic."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        resample=PILImageResampling.BICUBIC,
+    )
+
+
 def _vision_parts(tower: str, size: Sizes) -> tuple[object, int | list[int], str, object, int]:
     """Vision config, feature layer, select strategy, image processor, extra (CLS) tokens."""
     sizes = dict(
@@ -201,14 +213,7 @@ def _vision_parts(tower: str, size: Sizes) -> tuple[object, int | list[int], str
     )
     if tower == "clip":
         # llava-1.5 recipe: penultimate layer, drop CLS ("default") -> 576 of 577 positions.
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": IMAGE_SIZE},
-            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-            do_center_crop=True,
-            image_mean=OPENAI_CLIP_MEAN,
-            image_std=OPENAI_CLIP_STD,
-            resample=PILImageResampling.BICUBIC,
-        )
+        image_processor = llava15_image_processor()
         clip = CLIPVisionConfig(projection_dim=64, hidden_act="quick_gelu", **sizes)
         return clip, -2, "default", image_processor, 1
     # SigLIP has no CLS token, so all 576 positions are image tokens ("full").
