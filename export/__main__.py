@@ -163,9 +163,13 @@ def summary(out: Path, prune, report: dict) -> None:
     for f in files:
         print(f"  {f.relative_to(out).as_posix():40s} {f.stat().st_size / 2**20:8.2f} MiB")
     vision, decoder = report["image_features_max_abs_diff"], report["decoder_max_abs_diff"]
-    print(f"K={prune.k} of N={prune.n}, method={prune.method} (r={prune.rank}, "
-          f"{prune.iterations} iterations); max |diff| vs PyTorch: vision {vision:.1e}, "
-          f"decoder {decoder:.1e}")  # fmt: skip
+    from svdprune_onnx.leverage import LEVERAGE_METHODS
+
+    detail = f" (r={prune.rank}, {prune.iterations} iterations)" * (
+        prune.method in LEVERAGE_METHODS
+    )
+    print(f"K={prune.k} of N={prune.n}, method={prune.method}{detail}; max |diff| vs PyTorch: "
+          f"vision {vision:.1e}, decoder {decoder:.1e}")  # fmt: skip
     print(f"next: python -m runtime.bundle {out}   # verify checksums on the target device")
 
 
