@@ -78,6 +78,9 @@ class Pipeline:
     def __init__(self, bundle: Path, cfg: SessionConfig | None = None) -> None:
         self.bundle = Path(bundle)
         self.m = load_manifest(self.bundle)
+        missing = {C.KEY_PROMPT, C.KEY_TEXT} - self.m.keys()
+        if missing:
+            raise BundleError(f"{bundle}: manifest lacks {sorted(missing)}; re-export the bundle")
         self.text = self.m[C.KEY_TEXT]
         self.prompt_cfg = self.m[C.KEY_PROMPT]
         cfg = cfg or SessionConfig()
@@ -87,9 +90,6 @@ class Pipeline:
         self.decoder = open_session(self.bundle / C.DECODER_ONNX, "text", cfg, self.bundle)
         self.device = device_of(self.decoder)
         self.k = self.text[C.T_IMAGE_TOKENS]
-        missing = {C.KEY_PROMPT, C.KEY_TEXT} - self.m.keys()
-        if missing:
-            raise BundleError(f"{bundle}: manifest lacks {sorted(missing)}; re-export the bundle")
 
     # --- prompt ----------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
