@@ -31,6 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("-m", "--model", type=Path, required=True, help="bundle folder (make export)")
     ap.add_argument("-i", "--image", type=Path, action="append", default=[], help="image(s)")
     ap.add_argument("-p", "--prompt", help="question; without it: interactive chat on stdin")
+    ap.add_argument(
+        "--jsonl",
+        type=Path,
+        help='batch file, one {"image": PATH, "prompt": TEXT} per line (paths relative to it)',
+    )
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ap.add_argument("--top-k", type=int, default=0)
@@ -68,16 +73,22 @@ def main(args: argparse.Namespace) -> int:
     cfg = SessionConfig(args.provider, args.threads, args.opt_level, args.fp16)
     pipe = Pipeline(args.model, cfg)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    if args.jsonl:
+        args.image, texts = read_jsonl(args.jsonl)
     if not args.image:
-        raise ImageError("no image given; pass one or more -i PATH")
+        raise ImageError("no image given; pass one or more -i PATH (or --jsonl FILE)")
     # 2. images -> pixel_values (B,3,H,W), exactly as the checkpoint's processor would
     t1 = time.perf_counter()
     pixels = preprocess_batch([load_image(p) for p in args.image], pipe.m["vision"])
     preprocess_ms = (time.perf_counter() - t1) * 1e3
-    if args.prompt is None:
+    if args.prompt is None and not args.jsonl:
         return chat(pipe, pixels[:1], sampling)
-    # 3. prompt -> ids with K image tokens (one prompt for every image)
-    prompts = [pipe.prompt_ids(args.prompt)] * len(pixels)
+    # 3. prompt -> ids with K image tokens (one -p for every image, or one per --jsonl row)
+    prompts = (
+        [pipe.prompt_ids(t) for t in texts]
+        if args.jsonl
+        else [pipe.prompt_ids(args.prompt)] * len(pixels)
+    )
     # 4. vision + prefill + decode, streaming tokens as they come
     stream = StreamPrinter(pipe) if not args.json and len(pixels) == 1 else None
     results = pipe.generate(pixels, prompts, sampling, stream)
@@ -95,6 +106,25 @@ def main(args: argparse.Namespace) -> int:
     if args.timings:
         print_timings(results, preprocess_ms, total_ms)
     return 0
+
+
+def read_jsonl(path: Path) -> tuple[list[Path], list[str]]:
+    """Images and prompts of a batch file; a clear error names the bad line."""
+    if not path.is_file():
+        raise PromptError(f"batch file {path} does not exist; pass an existing --jsonl file")
+    images, texts = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            images.append(path.parent / row["image"])
+            texts.append(str(row["prompt"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise PromptError(
+                f'{path}:{n}: expected {{"image": PATH, "prompt": TEXT}} ({e!r}); fix that line'
+            ) from e
+    return images, texts
 
 
 class StreamPrinter:

@@ -112,6 +112,22 @@ def test_json_schema_and_batch(bundles, photo_paths, capsys) -> None:
     assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in singles]
 
 
+def test_jsonl_batch_with_different_prompts(bundles, photo_paths, tmp_path, capsys) -> None:
+    _, bundle = bundles["clip-llama"]
+    batch = tmp_path / "batch.jsonl"
+    rows = [{"image": str(p), "prompt": q} for p, q in zip(photo_paths[:2], PROMPTS, strict=True)]
+    batch.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    outs = run_json(capsys, "-m", bundle, "--jsonl", batch, "--max-new-tokens", 4)
+    singles = [
+        run_json(capsys, "-m", bundle, "-i", r["image"], "-p", r["prompt"], "--max-new-tokens", 4)
+        for r in rows
+    ]
+    assert [o["token_ids"] for o in outs] == [s[0]["token_ids"] for s in singles]
+    batch.write_text('{"image": "x.jpg"}\n')
+    assert cli(["-m", str(bundle), "--jsonl", str(batch)]) == 2
+    assert "batch.jsonl:1" in capsys.readouterr().err
+
+
 def test_sampling_is_reproducible(bundles, photo_paths, capsys) -> None:
     _, bundle = bundles["clip-llama"]
     args = ["-m", bundle, "-i", photo_paths[0], "-p", PROMPTS[0], "--max-new-tokens", 8,
