@@ -20,7 +20,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from export.photos import load_rgb
+from runtime.preprocess import load_image
 from svdprune_onnx.tiny import llava15_image_processor
 
 IMAGE_SIZE = 336
@@ -106,7 +106,7 @@ def photo_paths(n: int) -> list[Path]:
 
 def pixel_values(paths: list[Path]) -> np.ndarray:
     """Preprocessed photos: (B, 3, 336, 336) float32."""
-    images = [load_rgb(p) for p in paths]
+    images = [load_image(p) for p in paths]
     out = clip_l_processor()(images=images, return_tensors="np")["pixel_values"]
     return out.astype(np.float32)
 

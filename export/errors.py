@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from export.load import CheckpointError
-from export.photos import PhotoError
 from export.vision import ExportValidationError
 from runtime.bundle import BundleError
+from runtime.preprocess import ImageError
 from svdprune_onnx.select import PruneError
 from svdprune_onnx.vision import UnsupportedModelError
 
 USER_ERRORS = (
     CheckpointError,
-    PhotoError,
+    ImageError,
     ExportValidationError,
     BundleError,
     PruneError,

@@ -5,22 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-
-class PhotoError(ValueError):
-    """A validation image is missing or unreadable."""
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB; a clear error for a missing or corrupt file."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError as e:
-        raise PhotoError(f"image {path} does not exist; pass an existing file with -i") from e
-    except (UnidentifiedImageError, OSError) as e:
-        raise PhotoError(f"{path} is not a readable image ({e}); pass a JPEG or PNG") from e
+from runtime.preprocess import load_image
 
 
 def synthetic_photo(size: int = 400) -> Image.Image:
@@ -32,7 +19,7 @@ def synthetic_photo(size: int = 400) -> Image.Image:
 
 def validation_batches(processor, paths: list[Path], big: int = 3) -> list[np.ndarray]:
     """[batch of 1, batch of `big`] pixel_values (float32) from `paths` (cycled if fewer)."""
-    images = [load_rgb(p) for p in paths] or [synthetic_photo()]
+    images = [load_image(p) for p in paths] or [synthetic_photo()]
     images = [images[i % len(images)] for i in range(big)]
     pixels = processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
     return [pixels[:1], pixels]

@@ -85,7 +85,14 @@ def _fix_output_shapes(model: onnx.ModelProto, k: int, dim: int) -> None:
 
 def run_vision(path: Path, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ONNX Runtime CPU run: (B,3,H,W) -> image_features (B,K,D), kept_indices (B,K)."""
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return _run(_cpu_session(path), pixel_values)
+
+
+def _cpu_session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run(sess: ort.InferenceSession, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     feats, idx = sess.run([C.IMAGE_FEATURES, C.KEPT_INDICES], {C.PIXEL_VALUES: pixel_values})
     return feats, idx
 
@@ -96,10 +103,11 @@ def validate_vision(module: PrunedVision, path: Path, batches: list[np.ndarray])
     Returns the largest differences seen, for the manifest and the console summary.
     """
     worst = 0.0
+    sess = _cpu_session(path)  # once: a pruned CLIP-L graph takes seconds to load
     for pixels in batches:
         with torch.no_grad():
             ref_feats, ref_idx = module(torch.from_numpy(pixels))
-        feats, idx = run_vision(path, pixels)
+        feats, idx = _run(sess, pixels)
         if idx.dtype != np.int64 or not np.array_equal(idx, ref_idx.numpy()):
             rows = np.where((idx != ref_idx.numpy()).any(axis=1))[0].tolist()
             raise ExportValidationError(
