@@ -21,7 +21,7 @@ import torch
 from bench.report import md_table
 from export.load import load_llava
 from runtime import contract as C
-from runtime.generate import Pipeline, Sampling
+from runtime.generate import TTFT_STAGES, Pipeline, Sampling
 from runtime.preprocess import load_image, preprocess_batch
 from svdprune_onnx.select import PruneConfig
 from svdprune_onnx.vision import PrunedVision
@@ -37,7 +37,7 @@ def ort_once(pipe: Pipeline, pixels: np.ndarray, ids: list[int], new: int) -> di
     t = r.timings_ms
     steps = len(r.token_ids) - 1
     return {
-        "ttft_ms": t["vision"] + t["prefill"],
+        "ttft_ms": sum(t[k] for k in TTFT_STAGES),
         "decode_tps": steps / (t["decode"] / 1e3),
         "host_overhead_pct": 100 * (t["decode"] - t["decode_in_graph"]) / t["decode"],
         "e2e_ms": total,

@@ -24,6 +24,9 @@ from runtime import contract as C
 from runtime.bundle import BundleError, load_manifest
 from runtime.session import SessionConfig, device_of, open_session
 
+# Pipeline.generate's stages before the first token (Result.timings_ms keys); TTFT adds preprocess.
+TTFT_STAGES = ("vision", "embed", "prefill")
+
 
 class PromptError(ValueError):
     """The prompt cannot be run (too long for the context, or empty)."""
@@ -49,6 +52,7 @@ class Result:
     prompt_token_ids: list[int] = field(default_factory=list)
     kept_indices: list[int] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    first_logits: np.ndarray | None = None  # (V,) float32 logits of the first generated token
 
 
 def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> np.ndarray:
@@ -154,6 +158,7 @@ class Pipeline:
         img = ids == self.text[C.T_IMAGE_TOKEN_ID]
         embeds[img] = feats.reshape(-1, feats.shape[-1])  # row-major: K per row, in order
         pos = self.positions(ids, mask, kept)
+        t_embed = time.perf_counter()
 
         binding = self.decoder.io_binding()
         layers, kv, hd = self.text[C.T_LAYERS], self.text[C.T_KV_HEADS], self.text[C.T_HEAD_DIM]
@@ -176,6 +181,7 @@ class Pipeline:
         done = np.zeros(B, bool)
         results = [Result(prompt_token_ids=list(map(int, ids[b][mask[b] == 1]))) for b in range(B)]
         t_first = None
+        first_logits = None
         in_graph = 0.0  # decode time spent inside the decoder graph; the rest is host overhead
         for _step in range(s.max_new_tokens):
             binding.bind_cpu_input(C.INPUTS_EMBEDS, np.ascontiguousarray(embeds))
@@ -192,7 +198,8 @@ class Pipeline:
             for name, value in zip(out_names[1:], outs[1:], strict=True):
                 binding.bind_ortvalue_input(past_for[name], value)  # stays on the device
             tokens = pick(logits, s, rng)
-            t_first = t_first or time.perf_counter()
+            if t_first is None:
+                t_first, first_logits = time.perf_counter(), logits
             for b in range(B):
                 if not done[b]:
                     results[b].token_ids.append(int(tokens[b]))
@@ -207,12 +214,14 @@ class Pipeline:
         t_end = time.perf_counter()
         for b, r in enumerate(results):
             r.kept_indices = [int(i) for i in kept[b]]
+            r.first_logits = first_logits[b]
             r.text = self.tokenizer.decode(
                 [t for t in r.token_ids if t not in eos], skip_special_tokens=True
             )
             r.timings_ms = {
                 "vision": (t_vision - t0) * 1e3,
-                "prefill": (t_first - t_vision) * 1e3,
+                "embed": (t_embed - t_vision) * 1e3,  # embed_tokens + scatter + positions
+                "prefill": (t_first - t_embed) * 1e3,  # decoder over the prompt + first pick
                 "decode": (t_end - t_first) * 1e3,
                 "decode_in_graph": in_graph * 1e3,
             }

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bundle import BundleError
-from runtime.generate import Pipeline, PromptError, Sampling
+from runtime.generate import TTFT_STAGES, Pipeline, PromptError, Sampling
 from runtime.preprocess import ImageError, load_image, preprocess_batch
 from runtime.session import OPT_LEVELS, PROVIDER_CHOICES, ProviderError, SessionConfig
 
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     # 5. report
     for r in results:
         extra = {"preprocess": preprocess_ms, "total": total_ms}
-        extra["ttft"] = preprocess_ms + r.timings_ms["vision"] + r.timings_ms["prefill"]
+        extra["ttft"] = preprocess_ms + sum(r.timings_ms[k] for k in TTFT_STAGES)
         if args.json:
             print(answer_json(r, extra), flush=True)
         elif stream is None:
@@ -150,11 +150,12 @@ def print_timings(results, preprocess_ms: float, total_ms: float) -> None:
     t = r.timings_ms
     n = sum(len(x.token_ids) for x in results)
     steps = max(len(x.token_ids) for x in results)
-    ttft = preprocess_ms + t["vision"] + t["prefill"]
+    ttft = preprocess_ms + sum(t[k] for k in TTFT_STAGES)
     tps = (steps - 1) / (t["decode"] / 1e3) if steps > 1 and t["decode"] > 0 else float("nan")
     print(
         f"timings: preprocess {preprocess_ms:.1f} ms | vision+prune {t['vision']:.1f} ms | "
-        f"prefill {t['prefill']:.1f} ms | time to first token {ttft:.1f} ms | "
+        f"embed {t['embed']:.1f} ms | prefill {t['prefill']:.1f} ms | "
+        f"time to first token {ttft:.1f} ms | "
         f"decode {tps:.1f} tokens/s per sequence ({n} tokens, batch {len(results)}) | "
         f"total {total_ms:.1f} ms",
         file=sys.stderr,

@@ -103,7 +103,7 @@ def test_json_schema_and_batch(bundles, photo_paths, capsys) -> None:
     assert len(outs) == len(photo_paths)
     for o in outs:
         assert {"text", "token_ids", "prompt_token_ids", "kept_indices", "tokens_per_s"} <= o.keys()
-        assert {"preprocess", "vision", "prefill", "decode", "ttft", "total"} <= o[
+        assert {"preprocess", "vision", "embed", "prefill", "decode", "ttft", "total"} <= o[
             "timings_ms"
         ].keys()
         assert o["prompt_token_ids"].count(4) == 16  # exactly K image tokens
