@@ -2,7 +2,7 @@
 #   make export K=16   -> build/tiny-llava-k16/ (creates .venv, installs pinned deps, builds the tiny model)
 #   make test          -> the CPU test suite that CI runs
 # Variables for export: K, MODEL (local HF LLaVA checkpoint dir) or PRESET=medium, METHOD, RANK,
-# ITERS, CENTER, SCORE, POSITIONS, DECODER_EXPORTER, OUT.
+# ITERS, CENTER, SCORE, POSITIONS, DECODER_EXPORTER, OUT, DTYPE (fp32|fp16|int8|q4|q4f16), BATCH.
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -42,6 +42,12 @@ endif
 ifdef OUT
 EXPORT_ARGS += -o $(OUT)
 endif
+ifdef DTYPE
+EXPORT_ARGS += --dtype $(DTYPE)
+endif
+ifdef BATCH
+EXPORT_ARGS += --batch $(BATCH)
+endif
 
 .PHONY: venv export run test lint format bench-fidelity bench-overhead clean
 
@@ -60,7 +66,7 @@ export: $(STAMP)
 	$(PY) -m export $(EXPORT_ARGS)
 
 # Answer a question about a real photo with the default bundle, exporting it first if missing.
-BUNDLE ?= build/tiny-llava-k$(K)
+BUNDLE ?= build/tiny-llava-k$(K)$(if $(filter-out fp32,$(DTYPE)),-$(DTYPE))
 IMAGE  ?= ../shared/data/images/coco_cats.png
 PROMPT ?= What is in the image?
 run: $(STAMP)
@@ -88,3 +94,56 @@ bench-overhead: $(STAMP)
 
 clean:
 	rm -rf build
+
+# Latency across K (runtime.profile + transformers side by side; exports missing bundles):
+#   make profile [KS="576 64 32 16"] [REPS=5] [PRESET=medium | MODEL=dir] [PROVIDER=cpu] [TRACE=1]
+#                [NO_TORCH=1] [TORCH_THREADS=1]
+.PHONY: profile
+profile: $(STAMP)
+	$(PY) -m bench.profile --k $(or $(KS),N 64 32 16) --reps $(or $(REPS),5) \
+		$(if $(MODEL),-m $(MODEL)) $(if $(PRESET),--preset $(PRESET)) \
+		$(if $(PROVIDER),--provider $(PROVIDER)) $(if $(TRACE),--trace) $(if $(NO_TORCH),--no-torch) \
+		$(if $(TORCH_THREADS),--torch-threads $(TORCH_THREADS))
+
+# `make eval`: POPE-style yes/no questions from ../shared/data/coco128 (or DATA=file.jsonl) through
+# the unpruned bundle and every METHOD at every K (exporting what is missing into
+# build/eval/bundles); writes build/eval/results.{json,csv,md,png} and images.json. Resumable.
+# Variables: MODEL or PRESET, KS="16 32 64", METHODS="gram power exact ...", LIMIT (images),
+# DATA, ANSWER=logits|text, PROVIDER, EVAL_OUT.
+EVAL_ARGS :=
+ifdef MODEL
+EVAL_ARGS += -m $(MODEL)
+endif
+ifdef PRESET
+EVAL_ARGS += --preset $(PRESET)
+endif
+ifdef KS
+EVAL_ARGS += --ks $(KS)
+endif
+ifdef METHODS
+EVAL_ARGS += --methods $(METHODS)
+endif
+ifdef LIMIT
+EVAL_ARGS += --limit $(LIMIT)
+endif
+ifdef DATA
+EVAL_ARGS += --data $(DATA)
+endif
+ifdef ANSWER
+EVAL_ARGS += --answer $(ANSWER)
+endif
+ifdef PROVIDER
+EVAL_ARGS += --provider $(PROVIDER)
+endif
+ifdef EVAL_OUT
+EVAL_ARGS += -o $(EVAL_OUT)
+endif
+
+.PHONY: eval
+eval: $(STAMP)
+	$(PY) -m eval $(EVAL_ARGS)
+
+# 1000 runtime calls in one process on the tiny default (exported if missing): RSS growth, slope.
+.PHONY: soak
+soak: $(STAMP)
+	$(PY) -m bench.soak

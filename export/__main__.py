@@ -57,8 +57,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="position ids of kept image tokens: compact (0..S-1) or their original slots",
     )
     ap.add_argument("-i", "--image", type=Path, action="append", help="validation image(s)")
+    ap.add_argument(
+        "--dtype",
+        choices=C.DTYPES,
+        default=C.DTYPE_FP32,
+        help="bundle variant: fp16, int8 (dynamic), q4 (4-bit MatMulNBits, blocks of 32) or "
+        "q4f16; graph I/O stays float32 (default fp32)",
+    )
+    ap.add_argument(
+        "--batch",
+        type=_positive_int,
+        help="fix the vision graph's batch size (static shapes for TensorRT; default dynamic)",
+    )
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def step(i: int, n: int, text: str) -> float:
@@ -71,16 +89,18 @@ def main(args: argparse.Namespace) -> Path:
     from export.bundle import atomic_dir, copy_side_files, package_versions, write_manifest
     from export.decoder import export_decoder_optimum
     from export.load import load_image_processor, load_llava
-    from export.manifest import build_manifest, prompt_section
+    from export.manifest import build_manifest, graphs_section, prompt_section, text_facts
     from export.photos import validation_batches
     from export.text_graphs import decoder_parity, embed_parity, export_embed
+    from export.transformersjs import adapt_for_transformersjs
     from export.vision import OPSET, export_vision, validate_vision
     from svdprune_onnx.select import PruneConfig, PruneError
     from svdprune_onnx.text import causal_lm
     from svdprune_onnx.tiny import ensure_tiny_llava
     from svdprune_onnx.vision import PrunedVision, vision_token_count
 
-    t = step(1, 5, "loading checkpoint")
+    steps = 5 if args.dtype == C.DTYPE_FP32 else 6  # the dtype pass is a step of its own
+    t = step(1, steps, "loading checkpoint")
     models = REPO / "build" / "models"
     if args.model:
         src = args.model
@@ -106,28 +126,43 @@ def main(args: argparse.Namespace) -> Path:
         scored_features=args.score,
         seed=args.seed,
     )
+    from svdprune_onnx.leverage import LEVERAGE_METHODS
+
+    if prune.method in LEVERAGE_METHODS and prune.rank > prune.k:  # r directions for K tokens
+        raise PruneError(
+            f"rank must be in 1..K={prune.k} (at most one direction per kept token), got "
+            f"{prune.rank}; pass --rank k or a smaller --rank"
+        )
     module = PrunedVision(model, prune).eval()
     # Read the validation photos now: a bad -i path fails before minutes of export, not after.
-    batches = validation_batches(processor, args.image or sorted(SHARED_IMAGES.glob("*")))
-    out = args.out or REPO / "build" / f"{src.name}-k{prune.k}"
+    batches = validation_batches(
+        processor, args.image or sorted(SHARED_IMAGES.glob("*")), big=max(3, args.batch or 0)
+    )
+    if args.batch:  # a static graph is validated on batches of exactly its size
+        big, b = batches[-1], args.batch
+        batches = [big[i : i + b] for i in range(0, len(big) - b + 1, b)]
+    suffix = "" if args.dtype == C.DTYPE_FP32 else f"-{args.dtype}"
+    out = args.out or REPO / "build" / f"{src.name}-k{prune.k}{suffix}"
     print(f"      {src} | N={n} -> K={prune.k} | {prune.method} r={prune.rank} "
           f"iters={prune.iterations} center={prune.center} on {prune.scored_features} features "
           f"({time.perf_counter() - t:.1f}s)")  # fmt: skip
 
     with atomic_dir(out) as tmp:
         (tmp / C.ONNX_DIR).mkdir()
-        t = step(2, 5, f"{C.VISION_ONNX}: export ({args.vision_exporter}) + parity on real photos")
+        t = step(
+            2, steps, f"{C.VISION_ONNX}: export ({args.vision_exporter}) + parity on real photos"
+        )
         image_size = tuple(module.vm.embeddings.config.image_size for _ in range(2))
-        export_vision(module, tmp / C.VISION_ONNX, image_size, args.vision_exporter)
+        export_vision(module, tmp / C.VISION_ONNX, image_size, args.vision_exporter, args.batch)
         report = validate_vision(module, tmp / C.VISION_ONNX, batches)
         done(t, f"kept_indices identical, max |diff| {report['image_features_max_abs_diff']:.2e}")
 
-        t = step(3, 5, f"{C.EMBED_ONNX}: export + parity")
+        t = step(3, steps, f"{C.EMBED_ONNX}: export + parity")
         export_embed(lm, tmp / C.EMBED_ONNX, OPSET)
         report["embed_tokens_max_abs_diff"] = embed_parity(lm, tmp / C.EMBED_ONNX)
         done(t, "identical embeddings")
 
-        t = step(4, 5, f"{C.DECODER_ONNX}: export ({args.decoder_exporter}) + parity")
+        t = step(4, steps, f"{C.DECODER_ONNX}: export ({args.decoder_exporter}) + parity")
         if args.decoder_exporter == "torch":
             from export.decoder_torch import export_decoder_torch as export_decoder
         else:
@@ -136,10 +171,14 @@ def main(args: argparse.Namespace) -> Path:
         report["decoder_max_abs_diff"] = decoder_parity(lm, tmp / C.DECODER_ONNX)
         done(t, f"prefill + 3 steps, batch 1/2, max |diff| {report['decoder_max_abs_diff']:.2e}")
 
-        step(5, 5, f"writing bundle {out}")
+        plan = convert_variant(tmp, args.dtype, batches, text_facts(model), report, steps)
+        step(steps, steps, f"writing bundle {out}")
         copy_side_files(src, tmp)
         manifest = build_manifest(model, processor, prune, src, report)
         manifest[C.KEY_PRUNING][C.P_POSITIONS] = args.positions
+        manifest[C.KEY_VISION][C.V_STATIC_BATCH] = args.batch
+        manifest[C.KEY_DTYPE] = args.dtype
+        manifest[C.KEY_GRAPHS] = graphs_section(tmp, plan)
         manifest[C.KEY_PROMPT] = prompt
         manifest[C.KEY_EXPORTER] = {
             "packages": package_versions(),
@@ -147,6 +186,7 @@ def main(args: argparse.Namespace) -> Path:
             "vision_exporter": args.vision_exporter,
             "decoder_exporter": args.decoder_exporter,
         }
+        adapt_for_transformersjs(tmp, manifest)  # config/processor files for transformers.js
         write_manifest(tmp, manifest)
     summary(out, prune, report)
     return out
@@ -154,6 +194,31 @@ def main(args: argparse.Namespace) -> Path:
 
 def done(t: float, text: str) -> None:
     print(f"      {text} ({time.perf_counter() - t:.1f}s)", flush=True)
+
+
+def convert_variant(
+    tmp: Path, dtype: str, batches: list, text: dict, report: dict, steps: int
+) -> dict:
+    """The --dtype pass on the validated fp32 graphs in `tmp`, re-validated against them.
+
+    The fp32 graphs wait in a hidden folder inside `tmp` and are deleted once the variant passes,
+    so a failed variant leaves nothing behind (atomic_dir removes `tmp`).
+    """
+    import shutil
+
+    from export.dtypes import PLANS, convert_bundle, validate_variant
+
+    if dtype == C.DTYPE_FP32:
+        return PLANS[dtype]
+    t = step(5, steps, f"{dtype} graphs + quality vs fp32")
+    ref = tmp / ".fp32"
+    plan = convert_bundle(tmp, ref, dtype)
+    report[dtype] = validate_variant(tmp, ref, dtype, batches, text)
+    shutil.rmtree(ref)
+    dec = report[dtype][C.DECODER_ONNX]
+    done(t, f"decoder logits rel. error {dec['logits_rel_err']:.2e}, "
+         f"top-1 agreement {dec['top1_agreement']:.2f}")  # fmt: skip
+    return plan
 
 
 def summary(out: Path, prune, report: dict) -> None:
@@ -188,4 +253,10 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    try:
+        sys.exit(cli())
+    except KeyboardInterrupt:  # Ctrl-C: atomic_dir has removed its temp folder; one line, no trace
+        if "--debug" in sys.argv:
+            raise
+        print("error: interrupted; no bundle written (a previous one is intact)", file=sys.stderr)
+        sys.exit(130)

@@ -6,11 +6,22 @@
 
 A failed or interrupted export leaves only a hidden `.tmp-` folder (removed on failure, swept on
 the next export), never a folder that looks like a bundle.
+
+Safety rules:
+  - `out` is replaced only when it is a bundle (has svdprune.json) or an empty folder; any other
+    existing path is user data and is refused, never deleted;
+  - one export per output at a time: `build/.tiny-llava-k16.lock` is held (flock) from the
+    temp folder's creation to the rename; a second export to the same `out` fails at once with
+    a clear error instead of sweeping the first one's temp folder. Exports that do not overlap
+    replace each other atomically (last writer wins; each result is a complete bundle);
+  - a full disk (ENOSPC/EDQUOT) or an unwritable output becomes an OutputError naming the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -20,6 +31,14 @@ from pathlib import Path
 
 from runtime import contract as C
 from runtime.bundle import sha256_file
+
+
+class OutputError(RuntimeError):
+    """The output folder cannot be written (exists and is not a bundle, busy, disk full)."""
+
+
+# OSErrors that the user fixes (space, permissions), reported as one line instead of a traceback.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu")
 
@@ -52,24 +71,84 @@ def write_manifest(root: Path, manifest: dict) -> None:
     os.replace(tmp, root / C.MANIFEST_FILE)
 
 
+def _check_replaceable(out: Path) -> None:
+    # Only a bundle or an empty folder may be replaced: anything else is somebody's data.
+    if not out.exists() and not out.is_symlink():
+        return
+    is_folder = out.is_dir() and not out.is_symlink()
+    if is_folder and ((out / C.MANIFEST_FILE).is_file() or not any(out.iterdir())):
+        return
+    raise OutputError(
+        f"{out} exists and is not a bundle (no {C.MANIFEST_FILE}); refusing to replace it: "
+        "pass another -o, or move it away yourself"
+    )
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold `.<name>.lock` beside `out` (non-blocking flock) or raise OutputError if busy."""
+    path = out.parent / f".{out.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The holder unlinks the file on release: a lock on an unlinked inode guards nothing.
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError) as e:
+            raise OutputError(
+                f"another export to {out} is running (lock {path}); wait for it to finish or "
+                "pass another -o"
+            ) from e
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temp folder beside `out`; on success it replaces `out`, on error it is removed."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed export
-        shutil.rmtree(stale, ignore_errors=True)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; remove it or pass --overwrite")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(out):
+            _check_replaceable(out)
+            if out.exists() and not overwrite:
+                raise FileExistsError(f"{out} exists; remove it or pass --overwrite")
+            for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed export
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+            tmp.mkdir()
+            try:
+                yield tmp
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            old = out.parent / f".{out.name}.tmp-{os.getpid()}-old"
+            if out.exists():
+                os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:  # interrupted between the two renames: put the old one back
+                if old.exists() and not out.exists():
+                    os.replace(old, out)
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    except OutputError:
         raise
-    old = out.parent / f".{out.name}.tmp-{os.getpid()}-old"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        fix = (
+            "free space (an export needs about the bundle's size free beside it)"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "check that path's permissions"
+        )
+        raise OutputError(
+            f"export to {out} failed: {e.strerror or e} ({e.filename or out}); {fix} or pass "
+            "-o on another disk; nothing was left behind and the previous bundle, if any, is intact"
+        ) from e

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from export.bundle import OutputError
 from export.load import CheckpointError
+from export.transformersjs import TransformersJsError
 from export.vision import ExportValidationError
 from runtime.bundle import BundleError
 from runtime.preprocess import ImageError
@@ -17,4 +19,6 @@ USER_ERRORS = (
     PruneError,
     UnsupportedModelError,
     FileExistsError,
+    OutputError,
+    TransformersJsError,
 )

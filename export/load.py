@@ -1,4 +1,10 @@
-"""Load a local LLaVA-family checkpoint (never from a hub) and its image processor."""
+"""Load a local LLaVA-family checkpoint (never from a hub) and its image processor.
+
+Trust: local files only, `trust_remote_code=False` (a checkpoint's `auto_map` / custom .py files
+are never imported), weights from safetensors or, for `.bin` checkpoints, `torch.load` with
+`weights_only=True` (a pickle that tries to run code is refused), and a checkpoint missing some
+weights is refused instead of silently exporting randomly initialised layers.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
 from svdprune_onnx.families import FAMILIES, VISION_TOWERS
@@ -48,18 +55,41 @@ def load_llava(path: Path) -> LlavaForConditionalGeneration:
     """The model in float32 eval mode, local files only, eager attention (plain ONNX ops)."""
     read_config(path)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            path, torch_dtype=torch.float32, attn_implementation="eager", local_files_only=True
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            path,
+            dtype=torch.float32,
+            attn_implementation="eager",
+            local_files_only=True,
+            trust_remote_code=False,
+            weights_only=True,
+            output_loading_info=True,
         )
-    except OSError as e:
-        raise CheckpointError(f"cannot load weights from {path}: {e}") from e
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(
+            f"cannot load weights from {path} ({e}); pass a complete checkpoint folder with "
+            "model.safetensors (or weights-only pytorch_model.bin) shards"
+        ) from e
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {len(missing)} weights (e.g. {missing[0]}): a partial or foreign "
+            "checkpoint; re-download it completely"
+        )
     return model.eval()
 
 
 def load_image_processor(path: Path):
     """The checkpoint's own image processor (the reference the runtime must match)."""
+    if not (path / "preprocessor_config.json").is_file():
+        # transformers would fall back to a default (224 px) processor: refuse instead.
+        raise CheckpointError(
+            f"{path} has no usable preprocessor_config.json (missing); copy it from the "
+            "original checkpoint, the bundle needs it"
+        )
     try:
-        return AutoImageProcessor.from_pretrained(path, local_files_only=True, use_fast=False)
+        return AutoImageProcessor.from_pretrained(
+            path, local_files_only=True, use_fast=False, trust_remote_code=False
+        )
     except OSError as e:
         raise CheckpointError(
             f"{path} has no usable preprocessor_config.json ({e}); the bundle needs it"

@@ -124,3 +124,13 @@ def text_facts(llava) -> dict:
         C.T_MAX_POS: cfg.max_position_embeddings,
         C.T_DTYPE: "float32",
     }
+
+
+def graphs_section(root: Path, plan: dict[str, str]) -> dict:
+    """{graph path: {dtype, bytes}} for the graphs in bundle folder `root` (external data counted).
+
+    `plan` maps each graph to its format (export.dtypes.PLANS[--dtype]).
+    """
+    from export.dtypes import graph_bytes
+
+    return {g: {C.G_DTYPE: dtype, C.G_BYTES: graph_bytes(root / g)} for g, dtype in plan.items()}

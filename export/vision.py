@@ -28,26 +28,33 @@ EXPORTERS = ("torchscript", "dynamo")
 
 
 def export_vision(
-    module: PrunedVision, path: Path, image_size: tuple[int, int], exporter: str = "torchscript"
+    module: PrunedVision,
+    path: Path,
+    image_size: tuple[int, int],
+    exporter: str = "torchscript",
+    batch: int | None = None,
 ) -> None:
-    """Export with a dynamic batch axis; checker-clean, no Loop/If/Scan.
+    """Export with a dynamic batch axis (or a fixed `batch`); checker-clean, no Loop/If/Scan.
+
+    A fixed batch leaves no symbolic dimension in the graph: TensorRT then builds one engine
+    for one shape, with no optimisation profiles and no rebuilds.
 
     `torchscript` (the default, the route optimum takes too) traces the unrolled iterations in
     ~1-2 s; `dynamo` (torch.export) gives the same graph but takes ~20x longer on the thousands
     of small ops that unrolled Gram-Schmidt produces.
     """
-    dummy = torch.zeros(2, 3, *image_size)
+    dummy = torch.zeros(batch or 2, 3, *image_size)
     names = {"input_names": [C.PIXEL_VALUES], "output_names": [C.IMAGE_FEATURES, C.KEPT_INDICES]}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            batch = torch.export.Dim(C.AXIS_BATCH, min=1, max=1024)
+            dim = torch.export.Dim(C.AXIS_BATCH, min=1, max=1024)
             program = torch.onnx.export(
                 module,
                 (dummy,),
                 dynamo=True,
                 opset_version=OPSET,
-                dynamic_shapes={C.PIXEL_VALUES: {0: batch}},
+                dynamic_shapes={C.PIXEL_VALUES: {0: dim}} if batch is None else None,
                 **names,
             )
             program.save(str(path))
@@ -58,12 +65,12 @@ def export_vision(
             }
             torch.onnx.export(
                 module, (dummy,), str(path), dynamo=False, opset_version=OPSET,
-                dynamic_axes=axes, **names,
+                dynamic_axes=axes if batch is None else None, **names,
             )  # fmt: skip
         else:
             raise ValueError(f"unknown exporter {exporter!r}; choose from {EXPORTERS}")
     model = onnx.load(str(path))
-    _fix_output_shapes(model, module.prune.k, module.out_dim)
+    _fix_output_shapes(model, module.prune.k, module.out_dim, batch)
     onnx.save(model, str(path))
     onnx.checker.check_model(model, full_check=True)
     bad = sorted({n.op_type for n in model.graph.node} & FORBIDDEN_OPS)
@@ -71,10 +78,11 @@ def export_vision(
         raise ExportValidationError(f"vision graph contains control flow {bad}; cannot ship it")
 
 
-def _fix_output_shapes(model: onnx.ModelProto, k: int, dim: int) -> None:
+def _fix_output_shapes(model: onnx.ModelProto, k: int, dim: int, batch: int | None) -> None:
     # TorchScript names derived axes "Addimage_features_dim_1"; K and D are static, and clients
     # (TensorRT, transformers.js) read these shapes, so state them.
-    shapes = {C.IMAGE_FEATURES: [C.AXIS_BATCH, k, dim], C.KEPT_INDICES: [C.AXIS_BATCH, k]}
+    b = C.AXIS_BATCH if batch is None else batch
+    shapes = {C.IMAGE_FEATURES: [b, k, dim], C.KEPT_INDICES: [b, k]}
     for out in model.graph.output:
         for d, value in zip(out.type.tensor_type.shape.dim, shapes[out.name], strict=True):
             if isinstance(value, str):

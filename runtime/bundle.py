@@ -1,16 +1,28 @@
-"""Read and verify a bundle's manifest (svdprune.json): schema version and every file's sha256."""
+"""Read and verify a bundle's manifest (svdprune.json): schema version and every file's sha256.
+
+Trust rules (what `load_manifest` enforces before the runtime opens anything else):
+  - the manifest is a UTF-8 JSON object of this schema version;
+  - every path in its `files` map is relative, stays inside the bundle folder (no `..`, no
+    absolute path, no symlink resolving outside) and matches its sha256;
+  - the files the runtime opens (RUNTIME_FILES) must be listed, so an unlisted file is never
+    loaded; files present but unlisted are ignored (never opened, never hashed).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from runtime import contract as C
 
 
 class BundleError(ValueError):
     """The bundle folder is missing, incomplete, altered or from another schema version."""
+
+
+# What the runtime opens from a bundle: each must be listed in the manifest (and so verified).
+RUNTIME_FILES = (C.VISION_ONNX, C.EMBED_ONNX, C.DECODER_ONNX, C.TOKENIZER_FILE)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -32,18 +44,31 @@ def load_manifest(bundle: Path, verify: bool = True) -> dict:
             "re-run `make export`"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{path} is not valid JSON ({e}); re-run `make export`") from e
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid UTF-8 JSON ({e}); re-run `make export`") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path} is not a JSON object; re-run `make export`")
     version = manifest.get(C.KEY_SCHEMA)
     if version != C.SCHEMA_VERSION:
         raise BundleError(
             f"{path} has schema_version {version!r}, this runtime reads {C.SCHEMA_VERSION}; "
             "re-export the bundle with this version of svdprune-onnx"
         )
+    files = manifest.get(C.KEY_FILES)
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise BundleError(f"{path}: '{C.KEY_FILES}' must map relative paths to sha256 hex strings")
+    unlisted = [f for f in RUNTIME_FILES if f not in files]
+    if unlisted:
+        raise BundleError(
+            f"{path} does not list {', '.join(unlisted)}; the runtime loads only files listed "
+            "with their sha256: re-export the bundle"
+        )
     if verify:
-        for rel, digest in manifest.get(C.KEY_FILES, {}).items():
-            f = bundle / rel
+        for rel, digest in files.items():
+            f = inside(bundle, rel)
             if not f.is_file():
                 raise BundleError(f"{bundle}: {rel} is missing; copy the whole bundle folder")
             if sha256_file(f) != digest:
@@ -51,6 +76,25 @@ def load_manifest(bundle: Path, verify: bool = True) -> dict:
                     f"{bundle}: {rel} does not match its sha256; re-copy or re-export"
                 )
     return manifest
+
+
+def inside(bundle: Path, rel: str) -> Path:
+    """`bundle / rel`, refusing a path that is absolute, has `..` or resolves outside `bundle`
+    (a symlink pointing elsewhere): a manifest may only name files inside its own folder."""
+    parts = PurePosixPath(rel).parts
+    if not rel or "\\" in rel or PurePosixPath(rel).is_absolute() or ".." in parts or ":" in rel:
+        raise BundleError(
+            f"{bundle}: manifest path {rel!r} is not a plain relative path inside the bundle; "
+            "refusing it (re-export the bundle)"
+        )
+    root = Path(bundle).resolve()
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root):
+        raise BundleError(
+            f"{bundle}: {rel} resolves to {target}, outside the bundle folder (a symlink?); "
+            "refusing it: copy the real file into the bundle"
+        )
+    return target
 
 
 if __name__ == "__main__":  # python -m runtime.bundle BUNDLE: verify a copied bundle on the device

@@ -14,6 +14,7 @@ ONNX_DIR = "onnx"
 VISION_ONNX = f"{ONNX_DIR}/vision_encoder.onnx"
 EMBED_ONNX = f"{ONNX_DIR}/embed_tokens.onnx"
 DECODER_ONNX = f"{ONNX_DIR}/decoder_model_merged.onnx"
+TOKENIZER_FILE = "tokenizer.json"  # the runtime's tokenizer (one of HF_SIDE_FILES)
 # Hugging Face side files copied beside the graphs when the checkpoint has them.
 HF_SIDE_FILES = (
     "config.json",
@@ -26,6 +27,16 @@ HF_SIDE_FILES = (
     "chat_template.json",
     "chat_template.jinja",
 )
+# The side files the export adapts so transformers.js loads the bundle unchanged
+# (export/transformersjs.py); its session names are the graph file stems above.
+HF_CONFIG = "config.json"
+HF_PROCESSOR_CONFIG = "processor_config.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_CHAT_TEMPLATE_JINJA = "chat_template.jinja"
+HF_CHAT_TEMPLATE_JSON = "chat_template.json"
+TJS_CONFIG = "transformers.js_config"  # config.json block: {dtype, use_external_data_format}
+TJS_DTYPE = "fp32"  # transformers.js dtype whose file suffix is "" (our fixed graph names)
+EXTERNAL_DATA_SUFFIX = "_data"  # decoder_model_merged.onnx -> decoder_model_merged.onnx_data
 
 # --- graph inputs / outputs ------------------------------------------------------------------
 PIXEL_VALUES = "pixel_values"  # (batch_size, 3, H, W) float32
@@ -66,6 +77,8 @@ KEY_FILES = "files"  # {relative path: sha256}
 KEY_EXPORTER = "exporter"  # {packages: {name: version}, opset}
 KEY_VALIDATION = "validation"  # max differences measured against PyTorch at export
 KEY_PROMPT = "prompt"  # {template, prompt_marker, image_placeholder, chat_template}
+KEY_DTYPE = "dtype"  # the bundle variant: one of DTYPES (absent in older bundles: fp32)
+KEY_GRAPHS = "graphs"  # {graph path: {dtype, bytes}}: what each graph file holds
 
 # pruning.*
 P_K = "k"
@@ -90,6 +103,7 @@ V_RESIZE = "resize_shortest_edge"
 V_CROP = "crop"  # "center" or "none"
 V_RESCALE = "rescale_factor"
 V_TOWER = "tower"  # vision config model_type
+V_STATIC_BATCH = "static_batch"  # int: the vision graph's fixed batch (--batch); null: dynamic
 
 # text.*
 T_IMAGE_TOKEN_ID = "image_token_id"
@@ -113,6 +127,10 @@ PR_MARKER = "prompt_marker"
 PR_IMAGE = "image_placeholder"  # expanded by the runtime to exactly K image tokens
 PR_CHAT = "chat_template"  # the checkpoint's jinja template, for multi-turn chat (or null)
 
+# graphs.<path>.*
+G_DTYPE = "dtype"  # one of DTYPES: the weights' format inside that graph (graph I/O stays float32)
+G_BYTES = "bytes"  # file size including its external data
+
 # --- values ----------------------------------------------------------------------------------
 SCORED_VISION = "vision"
 SCORED_PROJECTED = "projected"
@@ -121,3 +139,12 @@ POSITIONS_COMPACT = "compact"
 POSITIONS_ORIGINAL = "original"
 POSITIONS_CHOICES = (POSITIONS_COMPACT, POSITIONS_ORIGINAL)
 DECODER_EXPORTERS = ("optimum", "torch")
+
+# Bundle variants (python -m export --dtype, make export DTYPE=...). Every variant keeps float32
+# graph inputs/outputs (as transformers.js ships them), so the runtime handles each unchanged.
+DTYPE_FP32 = "fp32"
+DTYPE_FP16 = "fp16"  # fp16 weights and activations; the leverage scoring stays float32
+DTYPE_INT8 = "int8"  # dynamic int8 quantisation (MatMulInteger; CPU kernels only)
+DTYPE_Q4 = "q4"  # 4-bit weight-only blocks of 32 (MatMulNBits, GatherBlockQuantized)
+DTYPE_Q4F16 = "q4f16"  # q4 weights over an fp16 graph
+DTYPES = (DTYPE_FP32, DTYPE_FP16, DTYPE_INT8, DTYPE_Q4, DTYPE_Q4F16)

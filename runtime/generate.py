@@ -22,7 +22,15 @@ from tokenizers import Tokenizer
 
 from runtime import contract as C
 from runtime.bundle import BundleError, load_manifest
-from runtime.session import SessionConfig, device_of, open_session
+from runtime.preprocess import ImageError
+from runtime.session import (
+    GRAPH_ROLES,
+    SessionConfig,
+    check_dtypes,
+    device_of,
+    graph_dtype,
+    open_session,
+)
 
 # Pipeline.generate's stages before the first token (Result.timings_ms keys); TTFT adds preprocess.
 TTFT_STAGES = ("vision", "embed", "prefill")
@@ -89,9 +97,13 @@ class Pipeline:
         self.prompt_cfg = self.m[C.KEY_PROMPT]
         cfg = cfg or SessionConfig()
         self.tokenizer = Tokenizer.from_file(str(self.bundle / "tokenizer.json"))
-        self.vision = open_session(self.bundle / C.VISION_ONNX, "vision", cfg, self.bundle)
-        self.embed = open_session(self.bundle / C.EMBED_ONNX, "text", cfg, self.bundle)
-        self.decoder = open_session(self.bundle / C.DECODER_ONNX, "text", cfg, self.bundle)
+        check_dtypes(cfg, self.m)  # before any session: a refused bundle fails fast
+        self.vision, self.embed, self.decoder = (
+            open_session(self.bundle / g, role, cfg, self.bundle, graph_dtype(self.m, g))
+            for g, role in GRAPH_ROLES
+        )
+        # --batch at export fixes the vision graph's batch (TensorRT); None: dynamic
+        self.static_batch = self.m.get(C.KEY_VISION, {}).get(C.V_STATIC_BATCH)
         self.device = device_of(self.decoder)
         self.k = self.text[C.T_IMAGE_TOKENS]
 
@@ -131,10 +143,23 @@ class Pipeline:
         prompts: list[list[int]],
         s: Sampling,
         on_token: Callable[[int, int], None] | None = None,
+        vision_out: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> list[Result]:
-        """Answer B (image, prompt-ids) pairs in one batch; `on_token(row, id)` streams."""
+        """Answer B (image, prompt-ids) pairs in one batch; `on_token(row, id)` streams.
+
+        `vision_out` = (image_features (B,K,D), kept_indices (B,K)) skips the vision graph (its
+        output computed once per image, or features pruned elsewhere, e.g. exact SVD in torch).
+        """
         t0 = time.perf_counter()
-        feats, kept = self.vision.run(None, {C.PIXEL_VALUES: pixels})  # (B,K,D), (B,K)
+        if vision_out is None:
+            if self.static_batch is not None and len(pixels) != self.static_batch:
+                raise ImageError(
+                    f"{self.bundle.name}'s vision graph has a static batch of {self.static_batch} "
+                    f"(exported with --batch), got {len(pixels)} images; pass "
+                    f"{self.static_batch} per run, or re-export without --batch"
+                )
+            vision_out = self.vision.run(None, {C.PIXEL_VALUES: pixels})
+        feats, kept = vision_out  # (B,K,D), (B,K)
         t_vision = time.perf_counter()
         B, S = len(prompts), max(len(p) for p in prompts)
         max_pos = self.text[C.T_MAX_POS]

@@ -147,6 +147,12 @@ def preprocess(image: Image.Image, vision: Mapping) -> np.ndarray:
     shortest = v.get(C.V_RESIZE)
     rgb = to_rgb(image)
     size = resize_size(rgb.height, rgb.width, int(shortest)) if shortest else (height, width)
+    if size[0] * size[1] > MAX_PIXELS:  # a 1x20000 strip would resize to 336x6720000 (6.8 GB)
+        raise ImageError(
+            f"a {rgb.width}x{rgb.height} image resizes to {size[1]}x{size[0]} = "
+            f"{size[0] * size[1] / 1e6:.0f} megapixels before the center crop (aspect ratio "
+            f"too extreme, limit {MAX_PIXELS / 1e6:.0f}); crop it closer to square first"
+        )
     resample = Image.Resampling(int(v[C.V_RESAMPLE]))
     # PIL takes (W, H); transformers resizes the uint8 RGB image with PIL, reducing_gap=None.
     pixels = np.asarray(rgb.resize((size[1], size[0]), resample=resample))  # (h, w, 3) uint8

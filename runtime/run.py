@@ -23,7 +23,19 @@ from runtime.generate import TTFT_STAGES, Pipeline, PromptError, Sampling
 from runtime.preprocess import ImageError, load_image, preprocess_batch
 from runtime.session import OPT_LEVELS, PROVIDER_CHOICES, ProviderError, SessionConfig
 
-USER_ERRORS = (BundleError, ImageError, PromptError, ProviderError, FileNotFoundError)
+
+class UsageError(ValueError):
+    """A flag value the runtime cannot use; the message names the flag and its valid range."""
+
+
+USER_ERRORS = (
+    BundleError,
+    ImageError,
+    PromptError,
+    ProviderError,
+    UsageError,
+    FileNotFoundError,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,7 +79,39 @@ def answer_json(result, elapsed_ms: dict) -> str:
     )
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flag values that would crash or silently misbehave later, before loading anything."""
+    checks = [
+        (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
+        (args.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
+        (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.threads >= 0, f"--threads must be >= 0 (0 = ORT default), got {args.threads}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if args.prompt is not None:
+        check_prompt(args.prompt, "-p")
+
+
+def check_prompt(text: str, where: str) -> str:
+    """A prompt must be non-empty, valid UTF-8 text (argv bytes that are not UTF-8 arrive as
+    lone surrogates, which the tokenizer cannot encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(
+            f"{where} is not valid UTF-8 (byte {e.object[e.start]!r} at {e.start}); "
+            "pass the prompt as UTF-8 text"
+        ) from e
+    if not text.strip():
+        raise PromptError(f'{where} is empty; pass a question, e.g. -p "What is in the image?"')
+    return text
+
+
 def main(args: argparse.Namespace) -> int:
+    check_args(args)
     t0 = time.perf_counter()
     # 1. bundle: manifest (checksums verified), tokenizer, sessions on the chosen providers
     cfg = SessionConfig(args.provider, args.threads, args.opt_level, args.fp16)
@@ -112,18 +156,26 @@ def read_jsonl(path: Path) -> tuple[list[Path], list[str]]:
     """Images and prompts of a batch file; a clear error names the bad line."""
     if not path.is_file():
         raise PromptError(f"batch file {path} does not exist; pass an existing --jsonl file")
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise PromptError(
+            f"{path} is not valid UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8"
+        ) from e
     images, texts = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             images.append(path.parent / row["image"])
-            texts.append(str(row["prompt"]))
+            texts.append(check_prompt(str(row["prompt"]), f"{path}:{n} prompt"))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise PromptError(
                 f'{path}:{n}: expected {{"image": PATH, "prompt": TEXT}} ({e!r}); fix that line'
             ) from e
+    if not images:
+        raise PromptError(f"batch file {path} has no rows; add one JSON object per line")
     return images, texts
 
 
@@ -167,7 +219,7 @@ def chat(pipe: Pipeline, pixels: np.ndarray, sampling: Sampling) -> int:
     from runtime.chat import render
 
     messages: list[dict] = []
-    for line in sys.stdin:
+    for line in _stdin_lines():
         question = line.strip()
         if not question:
             continue
@@ -181,6 +233,14 @@ def chat(pipe: Pipeline, pixels: np.ndarray, sampling: Sampling) -> int:
     return 0
 
 
+def _stdin_lines():
+    # Undecodable stdin would end the chat with a traceback mid-conversation; name the fix.
+    try:
+        yield from sys.stdin
+    except UnicodeDecodeError as e:
+        raise PromptError(f"stdin is not valid UTF-8 ({e.reason}); type or pipe UTF-8 text") from e
+
+
 def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -190,6 +250,11 @@ def cli(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C mid-answer: the runtime writes nothing, so just stop
+        if args.debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,22 @@
 onnxruntime-gpu lists CUDA/TensorRT even on machines without a GPU and then quietly runs on
 CPU, so the providers a session really got are checked after it is created: an explicit choice
 that did not take raises ProviderError; `auto` falls back and says so on stderr.
+
+Bundle variants (svdprune.json `graphs.<file>.dtype`): a graph format that a provider has no
+kernels for is refused *before* a session is made (UNSUPPORTED_DTYPES), since ONNX Runtime would
+otherwise move those nodes to the CPU without a word; `auto` skips that provider with a note.
+
+TensorRT settings for the vision graph (export it with `--batch 1`: no symbolic dimension, so
+TensorRT builds one engine for one shape, with no optimisation profiles and no rebuilds):
+    trt_engine_cache_enable + trt_engine_cache_path   engines in <bundle>.trt-cache/ (minutes
+                                                      to build once, seconds to load after)
+    trt_timing_cache_enable + trt_timing_cache_path   layer timings reused across rebuilds
+    trt_fp16_enable   on for fp16 / q4f16 bundles (and with --fp16). TensorRT may then pick fp16
+                      kernels for any layer, the leverage products included, which the fp16
+                      ONNX graph keeps in float32: check kept_indices against --provider cpu
+                      (runtime.run --json) once per model before trusting the engine.
+`auto` and `tensorrt` both use these settings; a dynamic-batch graph also runs, with TensorRT
+building an engine per new batch size.
 """
 
 from __future__ import annotations
@@ -19,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
+
+from runtime import contract as C
 
 # ORT's own logger prints a multi-line warning per failed provider; ours says it in one line.
 ort.set_default_logger_severity(3)
@@ -36,6 +54,25 @@ OPT_LEVELS = {
 
 class ProviderError(RuntimeError):
     """The asked-for execution provider cannot run here."""
+
+
+_INT8_DYNAMIC = (
+    "dynamic int8 quantisation (DynamicQuantizeLinear, MatMulInteger on uint8 activations) has "
+    "CPU kernels only in onnxruntime"
+)
+# (provider, graph dtype) -> why that provider cannot run such a graph. From the kernels that
+# onnxruntime-gpu 1.31's CUDA provider library registers: MatMulInteger for int8 x int8 only,
+# no DynamicQuantizeLinear; MatMulNBits and GatherBlockQuantized (q4, q4f16) and fp16 are there.
+UNSUPPORTED_DTYPES: dict[tuple[str, str], str] = {
+    (CUDA, C.DTYPE_INT8): _INT8_DYNAMIC,
+    (TRT, C.DTYPE_INT8): _INT8_DYNAMIC + " (TensorRT int8 needs calibrated QDQ graphs)",
+}
+GPU_DTYPES = (C.DTYPE_FP16, C.DTYPE_Q4, C.DTYPE_Q4F16)
+
+
+def graph_dtype(manifest: dict, graph: str) -> str:
+    """The format of one graph file of a bundle (bundles from before variants existed: fp32)."""
+    return manifest.get(C.KEY_GRAPHS, {}).get(graph, {}).get(C.G_DTYPE, C.DTYPE_FP32)
 
 
 @dataclass(frozen=True)
@@ -87,23 +124,63 @@ def unusable_reason(provider: str) -> str | None:
     return None
 
 
-def wanted_providers(cfg: SessionConfig, graph: str, bundle: Path) -> list:
-    """Provider list for one graph ("vision" or "text"), best first, CPU always last."""
+def _candidates(cfg: SessionConfig, graph: str) -> list[str]:
+    """GPU providers to try for a graph role, best first (CPU, always last, is implied)."""
+    if cfg.provider == "cpu":
+        return []
+    # TensorRT suits the static-shape vision graph; a growing KV cache suits CUDA better.
+    return [TRT, CUDA] if graph == "vision" and cfg.provider in ("auto", "tensorrt") else [CUDA]
+
+
+_DTYPE_FIX = (
+    f"; pass --provider cpu, or export a GPU variant (make export DTYPE={'|'.join(GPU_DTYPES)})"
+)
+
+
+def _unsupported(provider: str, dtype: str, name: str) -> str | None:
+    reason = UNSUPPORTED_DTYPES.get((provider, dtype))
+    return None if reason is None else f"{name} is {dtype}: {reason}, so {provider} cannot run it"
+
+
+# The graphs of a bundle and the role that picks their providers.
+GRAPH_ROLES = ((C.VISION_ONNX, "vision"), (C.EMBED_ONNX, "text"), (C.DECODER_ONNX, "text"))
+
+
+def check_dtypes(cfg: SessionConfig, manifest: dict) -> None:
+    """Refuse, before any session exists, a bundle holding a graph format that the explicitly
+    chosen provider cannot run (`auto` instead skips that provider per graph, with a note)."""
+    if cfg.provider == "auto" or cfg.provider not in PROVIDER_CHOICES:
+        return  # auto decides per graph; an unknown name is refused by wanted_providers
+    for graph, role in reversed(GRAPH_ROLES):  # the decoder first: it holds the int8 MatMuls
+        for provider in _candidates(cfg, role):
+            message = _unsupported(provider, graph_dtype(manifest, graph), graph)
+            if message is not None:
+                raise ProviderError(message + _DTYPE_FIX)
+
+
+def wanted_providers(
+    cfg: SessionConfig, graph: str, bundle: Path, dtype: str = C.DTYPE_FP32, name: str = ""
+) -> list:
+    """Provider list for one graph ("vision" or "text") holding `dtype` weights, best first,
+    CPU always last. `name` (the graph file) is for messages."""
     if cfg.provider not in PROVIDER_CHOICES:
         raise ProviderError(
             f"unknown provider {cfg.provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}"
         )
-    if cfg.provider == "cpu":
-        return [CPU]
-    # TensorRT suits the static-shape vision graph; a growing KV cache suits CUDA better.
-    candidates = (
-        [TRT, CUDA] if graph == "vision" and cfg.provider in ("auto", "tensorrt") else [CUDA]
-    )
     chain: list = []
-    for provider in candidates:
+    for provider in _candidates(cfg, graph):
+        message = _unsupported(provider, dtype, name or graph)
+        if message is not None:
+            if cfg.provider != "auto":
+                raise ProviderError(message + _DTYPE_FIX)
+            if f"{provider}:{dtype}" not in _NOTED:
+                _NOTED.add(f"{provider}:{dtype}")
+                print(f"note: {message}; using the next provider", file=sys.stderr)
+            continue
         reason = unusable_reason(provider)
         if reason is None:
-            chain.append((TRT, _trt_options(bundle, cfg.trt_fp16)) if provider == TRT else CUDA)
+            fp16 = cfg.trt_fp16 or dtype in (C.DTYPE_FP16, C.DTYPE_Q4F16)
+            chain.append((TRT, _trt_options(bundle, fp16)) if provider == TRT else CUDA)
         elif cfg.provider == "auto":
             if provider not in _NOTED:
                 _NOTED.add(provider)
@@ -113,13 +190,15 @@ def wanted_providers(cfg: SessionConfig, graph: str, bundle: Path) -> list:
     return [*chain, CPU]
 
 
-def open_session(path: Path, graph: str, cfg: SessionConfig, bundle: Path) -> ort.InferenceSession:
+def open_session(
+    path: Path, graph: str, cfg: SessionConfig, bundle: Path, dtype: str = C.DTYPE_FP32
+) -> ort.InferenceSession:
     """Create a session and check it really got the accelerator that was asked for."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = OPT_LEVELS[cfg.opt_level]
     opts.intra_op_num_threads = cfg.threads
     opts.log_severity_level = 3  # ORT's own fallback warnings are replaced by ours below
-    wanted = wanted_providers(cfg, graph, bundle)
+    wanted = wanted_providers(cfg, graph, bundle, dtype, Path(path).name)
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
     first = wanted[0][0] if isinstance(wanted[0], tuple) else wanted[0]
     got = sess.get_providers()[0]

@@ -22,9 +22,18 @@ NONE, RANDOM, UNIFORM, NORM, CLS_ATTN = "none", "random", "uniform", "norm", "cl
 BASELINES = (NONE, RANDOM, UNIFORM, NORM, CLS_ATTN)
 METHODS = (*lev.LEVERAGE_METHODS, *BASELINES)
 EXPORTABLE_METHODS = tuple(m for m in METHODS if m != lev.EXACT)
-# Scores are divided by their per-image max |score| (ranking is scale-invariant), then this much
-# of the spatial priority is added: it only decides between scores equal to ~1e-6.
-TIE_BREAK = 1e-6
+# float32 holds every integer below 2**24 exactly: the selection key (score level, priority
+# rank) is packed into one such integer, so ties are broken exactly (see select_topk).
+EXACT_INT = 2**24
+
+
+def score_levels(n: int) -> int:
+    """Levels per unit of normalised score: the largest power of two with
+    (2 * levels + 1) * (n + 1) < 2**24 (8192 for N = 576), so the packed key stays exact."""
+    levels = 1
+    while (4 * levels + 1) * (n + 1) < EXACT_INT:
+        levels *= 2
+    return levels
 
 
 class PruneError(ValueError):
@@ -151,12 +160,21 @@ def token_scores(
 def select_topk(scores: torch.Tensor, k: int, priority: torch.Tensor) -> torch.Tensor:
     """Top-K token indices, ascending: (B, N) scores, (N,) priority -> (B, K) int64.
 
-    NaN/Inf scores count as the lowest score (0 after normalisation, below any positive one),
-    so a corrupt score never wins and the output is always K valid, unique indices.
+        scores ─► NaN/Inf -> 0 ─► / max|score| ─► round to 1/L ─┐
+        priority (N,) ─► rank 0..N (higher = first) ────────────┴─► key = level * (N+1) + rank
+        key (B, N), all distinct, exact in float32 ─► TopK ─► sort ascending
+
+    NaN/Inf scores count as 0 (below any positive one), so a corrupt score never wins. Scores
+    within 1/L (~1e-4) of each other tie on purpose: float32 noise (which differs between
+    PyTorch and ORT kernels) must not pick between equal scores (all-equal tokens each score
+    1/N); the spatial priority does. Distinct keys make TopK's answer unique in every runtime.
     """
+    n = priority.shape[0]
+    levels = score_levels(int(n))
     s = scores.float()
     s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
     s = s / s.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)  # (B, N) in [-1, 1]
-    s = s + TIE_BREAK * priority.to(s.device)
-    idx = torch.topk(s, k, dim=1).indices  # (B, K), by score
+    rank = torch.round(priority.to(s.device) * (n + 1))  # (N,) distinct integers in 0..N
+    key = torch.round(s * levels) * (n + 1) + rank  # (B, N) integers, |key| < 2**24
+    idx = torch.topk(key, k, dim=1).indices  # (B, K), by key
     return torch.sort(idx, dim=1).values  # (B, K), spatial order

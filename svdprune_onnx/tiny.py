@@ -58,6 +58,9 @@ class Sizes:
 PRESETS: dict[str, Sizes] = {
     # Seconds to build and export on 2 cores: mechanics only.
     "tiny": Sizes(64, 128, 3, 4, 64, 128, 2, 4, 2),
+    # The tiny tower with a 512-wide Llama-style decoder (4.8 M weights): big enough that weight
+    # bytes, not graph structure, set a decoder file's size (the q4 size test), still seconds.
+    "small": Sizes(64, 128, 3, 4, 512, 1408, 2, 8, 2),
     # Real shapes (random weights): CLIP ViT-L/14-336 + a Qwen2-0.5B-shaped decoder, as
     # llava-interleave-qwen-0.5b deploys; for export cost and latency figures, not for tests.
     "medium": Sizes(1024, 4096, 24, 16, 896, 4864, 24, 14, 2, 151936, True),

@@ -29,6 +29,9 @@ from svdprune_onnx.select import (
     token_scores,
 )
 
+# |pixel| cap inside the graph; real pixel_values are within ~3 of 0 (mean/std normalised).
+PIXEL_LIMIT = 1e4
+
 
 class UnsupportedModelError(ValueError):
     """The checkpoint is not a LLaVA-family model this exporter supports."""
@@ -136,6 +139,11 @@ class PrunedVision(nn.Module):
         return select_topk(scores, self.prune.k, self.priority)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # NaN/Inf or absurd pixels never come from an image processor (normalised pixels lie
+        # within a few units of 0) but would overflow LayerNorm differently in PyTorch and ORT:
+        # pin them (non-finite -> 0, clip to +-PIXEL_LIMIT) so every output stays finite.
+        pixel_values = torch.where(torch.isfinite(pixel_values), pixel_values, 0.0)
+        pixel_values = pixel_values.clamp(-PIXEL_LIMIT, PIXEL_LIMIT)
         feats, cls_attn = self.features(pixel_values)  # (B, N, d_v)
         if self.prune.scored_features == "projected":
             projected = self.projector(feats)  # (B, N, D)

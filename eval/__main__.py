@@ -1,0 +1,150 @@
+"""`python -m eval` / `make eval`: every pruning method and K against the unpruned model.
+
+questions (POPE from coco128, or --data FILE.jsonl) ─► first --limit images
+─► bundles: none@N + method@K (exported when missing) ─► run.Runner (resumable cache)
+─► report: results.json / .csv / .md / .png, images.json, the table on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from eval import answers as A
+from eval.bundles import REPO
+
+DEFAULT_METHODS = ("gram", "power", "exact", "random", "uniform", "norm", "cls_attn")
+COCO = REPO.parent / "shared" / "data" / "coco128"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from runtime.session import PROVIDER_CHOICES
+
+    ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0])
+    ap.add_argument("-m", "--model", type=Path, help="local LLaVA checkpoint (default: tiny)")
+    ap.add_argument("--preset", choices=("tiny", "medium"), default="tiny",
+                    help="built-in random-weight checkpoint when no -m")  # fmt: skip
+    ap.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64], help="K values to test")
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                    help=f"pruning methods (default: {' '.join(DEFAULT_METHODS)}); the "
+                    "unpruned model always runs as the reference")  # fmt: skip
+    ap.add_argument("--limit", type=int, help="use the questions of the first N images only")
+    ap.add_argument("--data", type=Path, help="a JSONL of {image, question, answer} to use "
+                    "instead of POPE questions (image paths relative to the file)")  # fmt: skip
+    ap.add_argument("--coco", type=Path, default=COCO, help="coco128-style folder for POPE")
+    ap.add_argument("--per-image", type=int, default=3,
+                    help="POPE: positives per image (as many negatives per setting)")  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="POPE question sampling seed")
+    ap.add_argument("--answer", choices=A.ANSWER_MODES, default=A.LOGITS,
+                    help="logits: yes/no from first-token logits; text: parse greedy text "
+                    "(see eval/answers.py)")  # fmt: skip
+    ap.add_argument("--max-new-tokens", type=int, default=8, help="--answer text only")
+    ap.add_argument("-o", "--out", type=Path, default=REPO / "build" / "eval")
+    ap.add_argument("--bundles", type=Path, help="bundle folder (default OUT/bundles)")
+    ap.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = default)")
+    ap.add_argument("--torch-device", default="cpu", help="device of the PyTorch side (exact "
+                    "pruning, spectra), e.g. cuda")  # fmt: skip
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    return ap.parse_args(argv)
+
+
+def load_questions(args: argparse.Namespace):
+    from eval.pope import build_pope, limit_images, load_jsonl, save_jsonl
+
+    if args.data is not None:
+        questions, source = load_jsonl(args.data), str(args.data)
+    else:
+        questions = build_pope(args.coco, args.per_image, args.seed)
+        path = args.out / f"questions_pope_seed{args.seed}_per{args.per_image}.jsonl"
+        save_jsonl(questions, path)  # all images: --limit takes a prefix of this file
+        source = str(path)
+    return limit_images(questions, args.limit), source
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Run the evaluation; returns {"rows", "images", "spearman", "paths"}."""
+    from eval import bundles as B
+    from eval.cache import Cache
+    from eval.errors import EvalArgError
+    from eval.report import markdown, summarize, write_all
+    from eval.run import Options, Runner, by_image, make_job, pending, progress_bar
+    from eval.torch_side import TorchSide
+    from runtime.session import SessionConfig
+
+    t0 = time.perf_counter()
+    methods = list(dict.fromkeys(m for m in args.methods if m != B.NONE))
+    src = B.checkpoint(args.model, args.preset)
+    n = B.token_count(src)
+    bad = [k for k in args.ks if not 1 <= k < n]
+    if bad:
+        raise EvalArgError(f"--ks {bad} out of range: K must be in 1..{n - 1} (N = {n})")
+    questions, source = load_questions(args)
+    A.check_labels({q.answer for q in questions}, args.answer)
+    groups = by_image(questions)
+    print(f"{len(questions)} questions ({sum(map(len, groups.values()))} distinct) on "
+          f"{len(groups)} images from {source}", file=sys.stderr)  # fmt: skip
+
+    root = args.bundles or args.out / "bundles"
+    export = B.export_args(args.model, args.preset)
+    opts = Options(args.answer, args.max_new_tokens, session=SessionConfig(args.provider,
+                   args.threads))  # fmt: skip
+    ref = B.ensure_bundle(root, src, export, B.NONE, n)
+    jobs = [make_job(B.NONE, ref, src, opts)]
+    for k in sorted(set(args.ks)):
+        for m in methods:
+            bundle = B.ensure_bundle(root, src, export, B.host_method(m), k, ref)
+            jobs.append(make_job(m, bundle, src, opts))
+
+    cache = Cache(args.out / "cache")
+    runner = Runner(src, cache, TorchSide(src, args.torch_device), opts)
+    todo = sum(pending(j, groups, cache) for j in jobs)
+    total = len(jobs) * sum(map(len, groups.values()))
+    print(f"{len(jobs)} configurations: {todo} answers to compute, {total - todo} cached",
+          file=sys.stderr)  # fmt: skip
+    try:
+        with progress_bar(todo, not args.no_progress) as bar:
+            for job in jobs:
+                runner.run(job, groups, bar)
+    finally:
+        cache.close()
+
+    rows, per_image, rho = summarize(jobs, questions, cache)
+    meta = {"model": str(src), "questions": source, "n_questions": len(questions),
+            "n_images": len(groups), "answer": args.answer, "ks": sorted(set(args.ks)),
+            "methods": methods, "title": f"{src.name}: {len(questions)} questions on "
+            f"{len(groups)} images, answers by {args.answer}"}  # fmt: skip
+    paths = write_all(rows, per_image, rho, args.out, meta)
+    print(markdown(rows))
+    shown = "n/a (fewer than 3 images, or no variation)" if math.isnan(rho) else f"{rho:+.3f}"
+    print(f"\nper-image Spearman(IPR of scored features, flip rate pooled over pruned configs): "
+          f"{shown} over {len(per_image)} images")  # fmt: skip
+    print(f"wrote {', '.join(str(p) for p in paths.values())} "
+          f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    return {"rows": rows, "images": per_image, "spearman": rho, "paths": paths}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from eval.errors import USER_ERRORS
+
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished answers are kept in {args.out / 'cache'}; run the same "
+              "command again to resume", file=sys.stderr)  # fmt: skip
+        return 130
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,188 @@
+"""Numerical edge cases of the pruning graph in ONNX Runtime, against PyTorch (hypothesis).
+
+tests/test_select.py checks the selector invariants in PyTorch; here the same scoring +
+selection is exported to ONNX once per method and fed adversarial features (NaN/Inf, zeros,
+all-equal tokens, rank-deficient, huge and tiny norms):
+
+    feats (B, N, d) ─► token_scores ─► select_topk ─► scores (B, N) f32, kept (B, K) i64
+
+ORT must give K unique, ascending, in-range indices, identical to PyTorch's, run after run,
+with finite scores. A tiny CLIP vision graph checks NaN/Inf/huge *pixels* end to end.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from torch import nn
+
+from svdprune_onnx import select as S
+
+N, GRID, D, K, RANK = 64, (8, 8), 12, 8, 4
+METHODS = ("gram", "power", S.NORM)
+
+
+class PruneGraph(nn.Module):
+    """Scoring + fixed-K selection alone: feats (B, N, D) -> scores (B, N), kept (B, K)."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.cfg = S.PruneConfig(k=K, n=N, method=method, rank=RANK, iterations=4)
+        self.register_buffer("priority", S.spatial_priority(N, GRID, K))
+        const = S.score_constant(self.cfg)
+        self.register_buffer("const", const if const is not None else torch.zeros(0))
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        const = self.const if self.const.numel() else None
+        scores = S.token_scores(feats, self.cfg, None, const)
+        return scores, S.select_topk(scores, K, self.priority)
+
+
+def _export(module: nn.Module, dummy: torch.Tensor, path: Path, names: list[str]) -> Path:
+    axes = {n: {0: "batch_size"} for n in names}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (dummy,), str(path), dynamo=False, opset_version=18,
+            input_names=names[:1], output_names=names[1:], dynamic_axes=axes,
+        )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="session")
+def graphs(tmp_path_factory) -> dict[str, tuple[PruneGraph, ort.InferenceSession]]:
+    """Each method's pruning module and its ORT session, exported once per test session."""
+    root = tmp_path_factory.mktemp("prune-onnx")
+    out = {}
+    for method in METHODS:
+        module = PruneGraph(method).eval()
+        path = _export(module, torch.zeros(2, N, D), root / f"{method}.onnx", ["f", "s", "k"])
+        out[method] = (module, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+    return out
+
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+special = st.sampled_from([np.nan, np.inf, -np.inf, 0.0, 1e30, -1e30])
+KINDS = ["as-is", "zeros", "all-equal", "rank-deficient", "huge-norm", "tiny-norm", "nan-rows"]
+
+
+@st.composite
+def features(draw) -> np.ndarray:
+    """(B, N, D) float32 features of one adversarial kind."""
+    b = draw(st.integers(1, 3))
+    x = draw(arrays(np.float32, (b, N, D), elements=st.one_of(finite, finite, finite, special)))
+    kind = draw(st.sampled_from(KINDS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    if kind == "zeros":
+        x[:] = 0
+    elif kind == "all-equal":
+        x[:] = x[:, :1]
+    elif kind == "rank-deficient":  # rank 1..3 < RANK: most directions are absent
+        r = draw(st.integers(1, 3))
+        x = (rng.normal(size=(b, N, r)) @ rng.normal(size=(b, r, D))).astype(np.float32)
+    elif kind == "huge-norm":
+        x = rng.normal(size=(b, N, D)).astype(np.float32)
+        x[:, draw(st.integers(0, N - 1))] *= 1e30  # overflows float32 squares, not the graph
+    elif kind == "tiny-norm":  # subnormal range: must not divide by zero
+        x = (rng.normal(size=(b, N, D)) * 1e-40).astype(np.float32)
+    elif kind == "nan-rows":
+        x = rng.normal(size=(b, N, D)).astype(np.float32)
+        x[:, : draw(st.integers(1, N))] = np.nan
+    return x
+
+
+def check_indices(idx: np.ndarray, batch: int) -> None:
+    assert idx.dtype == np.int64 and idx.shape == (batch, K)
+    for row in idx.tolist():
+        assert row == sorted(set(row)) and len(row) == K, row  # ascending, unique
+        assert all(0 <= i < N for i in row), row
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=features(), method=st.sampled_from(METHODS))
+def test_ort_pruning_edge_cases(graphs, x: np.ndarray, method: str) -> None:
+    module, sess = graphs[method]
+    scores, idx = sess.run(None, {"f": x})
+    check_indices(idx, len(x))
+    assert np.isfinite(scores).all(), "scores must be finite whatever the features"
+    again = sess.run(None, {"f": x})
+    assert np.array_equal(again[1], idx) and np.array_equal(again[0], scores), "deterministic"
+    with torch.no_grad():
+        ref_scores, ref_idx = module(torch.from_numpy(x))
+    assert np.array_equal(idx, ref_idx.numpy()), "ORT and PyTorch must keep the same tokens"
+    assert np.isfinite(ref_scores.numpy()).all()
+
+
+@pytest.mark.parametrize("method", ["gram", "power"])
+def test_degenerate_features_keep_the_uniform_grid_in_ort(graphs, method: str) -> None:
+    """All-zero, all-NaN and all-equal features: every score ties -> the spatial grid."""
+    _, uniform = graphs[S.NORM]
+    grid = uniform.run(None, {"f": np.zeros((1, N, D), np.float32)})[1]
+    _, sess = graphs[method]
+    for x in (np.zeros((1, N, D)), np.full((1, N, D), np.nan), np.ones((1, N, D))):
+        assert np.array_equal(sess.run(None, {"f": x.astype(np.float32)})[1], grid)
+
+
+# --- NaN/Inf/huge pixels through a tiny full vision graph -----------------------------------
+
+PIXEL_CASES = ["zeros", "constant", "nan-patch", "nan-all", "inf-patch", "-inf-all", "1e30-all",
+               "1e30-patch", "1e4-scaled"]  # fmt: skip
+
+
+def _pixels(case: str) -> np.ndarray:
+    x = np.random.default_rng(0).normal(size=(1, 3, 336, 336)).astype(np.float32)
+    patch = (..., slice(98, 112), slice(98, 112))  # one 14 x 14 patch
+    fill = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "1e30": 1e30}
+    head, _, where = case.partition("-")
+    if case == "zeros":
+        x[:] = 0
+    elif case == "constant":
+        x[:] = 5.0
+    elif case == "1e4-scaled":
+        x *= 1e4
+    elif where == "patch":
+        x[patch] = fill[head]
+    else:  # "-inf-all" partitions as ("", "inf-all"): the sign is in the case name
+        x[:] = -np.inf if case == "-inf-all" else fill[head]
+    return x
+
+
+@pytest.fixture(scope="module")
+def vision_graph(tiny_clip: Path, tmp_path_factory):
+    from export.load import load_llava
+    from export.vision import export_vision
+    from svdprune_onnx.vision import PrunedVision
+
+    module = PrunedVision(load_llava(tiny_clip), S.PruneConfig(k=16, n=576, rank=4, iterations=4))
+    path = tmp_path_factory.mktemp("vision-edge") / "vision.onnx"
+    export_vision(module.eval(), path, (336, 336))
+    return module, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("case", PIXEL_CASES)
+def test_bad_pixels_in_vision_graph(vision_graph, case: str) -> None:
+    """Non-finite pixels count as 0 and |pixels| are capped inside the graph: finite features,
+    valid indices, and the same in PyTorch and ORT (torch alone overflows LayerNorm at 1e30)."""
+    module, sess = vision_graph
+    pixels = _pixels(case)
+    feats, idx = sess.run(None, {"pixel_values": pixels})
+    check_indices_k(idx, 16)
+    assert np.isfinite(feats).all(), case
+    with torch.no_grad():
+        ref_feats, ref_idx = module(torch.from_numpy(pixels))
+    assert np.array_equal(idx, ref_idx.numpy()), case
+    assert np.abs(feats - ref_feats.numpy()).max() <= 1e-4, case
+
+
+def check_indices_k(idx: np.ndarray, k: int) -> None:
+    assert idx.dtype == np.int64 and idx.shape == (1, k)
+    row = idx[0].tolist()
+    assert row == sorted(set(row)) and len(row) == k and row[0] >= 0 and row[-1] < 576
