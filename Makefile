@@ -118,7 +118,7 @@ ifdef PRESET
 EVAL_ARGS += --preset $(PRESET)
 endif
 ifdef KS
-EVAL_ARGS += --ks $(KS)
+EVAL_ARGS += --k $(KS)
 endif
 ifdef METHODS
 EVAL_ARGS += --methods $(METHODS)

@@ -27,7 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("-m", "--model", type=Path, help="local LLaVA checkpoint (default: tiny)")
     ap.add_argument("--preset", choices=("tiny", "medium"), default="tiny",
                     help="built-in random-weight checkpoint when no -m")  # fmt: skip
-    ap.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64], help="K values to test")
+    ap.add_argument("--k", "--ks", dest="ks", nargs="+", default=["16", "32", "64"],
+                    help="K values to test; N (= no pruning) is accepted and always runs as the "
+                    "reference")  # fmt: skip
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                     help=f"pruning methods (default: {' '.join(DEFAULT_METHODS)}); the "
                     "unpruned model always runs as the reference")  # fmt: skip
@@ -80,9 +82,14 @@ def main(args: argparse.Namespace) -> dict:
     methods = list(dict.fromkeys(m for m in args.methods if m != B.NONE))
     src = B.checkpoint(args.model, args.preset)
     n = B.token_count(src)
-    bad = [k for k in args.ks if not 1 <= k < n]
+    # Same spelling as `make profile`: "N" (or N itself) is the unpruned reference, run anyway.
+    if bad := [k for k in args.ks if k.upper() != "N" and not k.isdigit()]:
+        raise EvalArgError(f"--k takes integers or N, got {bad}")
+    ks = [int(k) for k in args.ks if k.upper() != "N" and int(k) != n]
+    bad = [k for k in ks if not 1 <= k < n]
     if bad:
-        raise EvalArgError(f"--ks {bad} out of range: K must be in 1..{n - 1} (N = {n})")
+        raise EvalArgError(f"--k {bad} out of range: K must be in 1..{n - 1} (N = {n})")
+    args.ks = ks
     questions, source = load_questions(args)
     A.check_labels({q.answer for q in questions}, args.answer)
     groups = by_image(questions)

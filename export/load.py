@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
+from runtime import contract as C
 from svdprune_onnx.families import FAMILIES, VISION_TOWERS
 from svdprune_onnx.vision import UnsupportedModelError
 
@@ -27,7 +28,7 @@ def read_config(path: Path) -> dict:
     """config.json of a local checkpoint folder, checked against the supported families."""
     if not path.is_dir():
         raise CheckpointError(f"model path {path} is not a folder; pass a local HF checkpoint dir")
-    cfg_file = path / "config.json"
+    cfg_file = path / C.HF_CONFIG
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json; pass a Hugging Face checkpoint folder")
     try:

@@ -14,19 +14,7 @@ ONNX_DIR = "onnx"
 VISION_ONNX = f"{ONNX_DIR}/vision_encoder.onnx"
 EMBED_ONNX = f"{ONNX_DIR}/embed_tokens.onnx"
 DECODER_ONNX = f"{ONNX_DIR}/decoder_model_merged.onnx"
-TOKENIZER_FILE = "tokenizer.json"  # the runtime's tokenizer (one of HF_SIDE_FILES)
-# Hugging Face side files copied beside the graphs when the checkpoint has them.
-HF_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.json",
-    "chat_template.jinja",
-)
+TOKENIZER_FILE = "tokenizer.json"  # the runtime's tokenizer
 # The side files the export adapts so transformers.js loads the bundle unchanged
 # (export/transformersjs.py); its session names are the graph file stems above.
 HF_CONFIG = "config.json"
@@ -34,6 +22,18 @@ HF_PROCESSOR_CONFIG = "processor_config.json"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 HF_CHAT_TEMPLATE_JSON = "chat_template.json"
+# Hugging Face side files copied beside the graphs when the checkpoint has them.
+HF_SIDE_FILES = (
+    HF_CONFIG,
+    "generation_config.json",
+    "preprocessor_config.json",
+    HF_PROCESSOR_CONFIG,
+    TOKENIZER_FILE,
+    HF_TOKENIZER_CONFIG,
+    "special_tokens_map.json",
+    HF_CHAT_TEMPLATE_JSON,
+    HF_CHAT_TEMPLATE_JINJA,
+)
 TJS_CONFIG = "transformers.js_config"  # config.json block: {dtype, use_external_data_format}
 TJS_DTYPE = "fp32"  # transformers.js dtype whose file suffix is "" (our fixed graph names)
 EXTERNAL_DATA_SUFFIX = "_data"  # decoder_model_merged.onnx -> decoder_model_merged.onnx_data

@@ -96,7 +96,7 @@ class Pipeline:
         self.text = self.m[C.KEY_TEXT]
         self.prompt_cfg = self.m[C.KEY_PROMPT]
         cfg = cfg or SessionConfig()
-        self.tokenizer = Tokenizer.from_file(str(self.bundle / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(self.bundle / C.TOKENIZER_FILE))
         check_dtypes(cfg, self.m)  # before any session: a refused bundle fails fast
         self.vision, self.embed, self.decoder = (
             open_session(self.bundle / g, role, cfg, self.bundle, graph_dtype(self.m, g))

@@ -147,7 +147,7 @@ def prefill_flops(bundle: Path, text: dict, seq: int) -> float:
     the MLP (3 matrices when gated: llama/qwen2/mistral) and lm_head over every position."""
     import json
 
-    cfg = json.loads((bundle / "config.json").read_text()).get("text_config", {})
+    cfg = json.loads((bundle / C.HF_CONFIG).read_text()).get("text_config", {})
     if "intermediate_size" not in cfg:
         raise BundleError(f"{bundle}/config.json lacks text_config.intermediate_size; re-export")
     h, hd = text[C.T_HIDDEN], text[C.T_HEAD_DIM]

@@ -187,7 +187,7 @@ METHODS = ["gram", "exact"]  # exact runs on gram's text graphs: two exports cov
 def _args(out: Path, bundles: Path):
     from eval.__main__ import parse_args
 
-    flags = ["--ks", "16", "--methods", *METHODS, "--limit", "8", "--provider", "cpu"]
+    flags = ["--k", "16", "--methods", *METHODS, "--limit", "8", "--provider", "cpu"]
     return parse_args([*flags, "-o", str(out), "--bundles", str(bundles), "--no-progress"])
 
 
