@@ -93,7 +93,7 @@ def ensure_bundle(src: Path, k: int, n: int, out: Path) -> Path:
 def torch_side(src: Path, image: Path, new: int) -> rp.Side:
     """The PyTorch side: one model loaded once, a PrunedVision module per pruned bundle."""
     from export.load import load_image_processor, load_llava
-    from svdprune_onnx.select import PruneConfig
+    from export.manifest import prune_config
     from svdprune_onnx.vision import PrunedVision
 
     model = load_llava(src)
@@ -103,10 +103,7 @@ def torch_side(src: Path, image: Path, new: int) -> rp.Side:
         p = pipe.m[C.KEY_PRUNING]
         module = None
         if p[C.P_K] < p[C.P_N]:
-            cfg = PruneConfig(k=p[C.P_K], n=p[C.P_N], method=p[C.P_METHOD], rank=p[C.P_RANK],
-                              iterations=p[C.P_ITERS], center=p[C.P_CENTER],
-                              oversample=p[C.P_OVERSAMPLE], scored_features=p[C.P_SCORED],
-                              seed=p[C.P_SEED])  # fmt: skip
+            cfg = prune_config(p)
             module = PrunedVision(model, cfg).eval()
         idt = torch.tensor([ids])
         mask = torch.ones_like(idt)

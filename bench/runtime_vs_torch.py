@@ -20,10 +20,10 @@ import torch
 
 from bench.report import md_table
 from export.load import load_llava
+from export.manifest import prune_config
 from runtime import contract as C
 from runtime.generate import TTFT_STAGES, Pipeline, Sampling
 from runtime.preprocess import load_image, preprocess_batch
-from svdprune_onnx.select import PruneConfig
 from svdprune_onnx.vision import PrunedVision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,15 +80,7 @@ def main() -> None:
         ids = pipe.prompt_ids("What is in the image? Describe it in detail.")
         model = load_llava(Path(m[C.KEY_MODEL]["source"]))
         p = m[C.KEY_PRUNING]
-        cfg = PruneConfig(
-            k=p[C.P_K],
-            n=p[C.P_N],
-            method=p[C.P_METHOD],
-            rank=p[C.P_RANK],
-            iterations=p[C.P_ITERS],
-            center=p[C.P_CENTER],
-            oversample=p[C.P_OVERSAMPLE],
-        )
+        cfg = prune_config(p)
         module = PrunedVision(model, cfg).eval()
         ort_once(pipe, pixels, ids, 4)  # warm-up both
         torch_once(model, module, pixels, ids, 4)

@@ -25,7 +25,8 @@ from eval.bundles import EXACT, NONE
 from eval.cache import Cache, fingerprint
 from eval.metrics import kl_divergence, leverage_mass, top1_agree
 from eval.pope import Question
-from eval.torch_side import TorchSide, prune_config
+from eval.torch_side import TorchSide
+from export.manifest import prune_config
 from runtime import contract as C
 from runtime.bundle import load_manifest
 from runtime.generate import Pipeline, Sampling

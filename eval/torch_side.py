@@ -23,21 +23,6 @@ from svdprune_onnx.select import PruneConfig
 from svdprune_onnx.vision import PrunedVision
 
 
-def prune_config(pruning: dict) -> PruneConfig:
-    """A manifest's pruning section as a PruneConfig (position mode is a runtime matter)."""
-    return PruneConfig(
-        k=pruning[C.P_K],
-        n=pruning[C.P_N],
-        method=pruning[C.P_METHOD],
-        rank=pruning[C.P_RANK],
-        iterations=pruning[C.P_ITERS],
-        center=pruning[C.P_CENTER],
-        oversample=pruning[C.P_OVERSAMPLE],
-        scored_features=pruning[C.P_SCORED],
-        seed=pruning[C.P_SEED],
-    )
-
-
 class TorchSide:
     """Lazily loaded checkpoint; results memoised per image within one process."""
 

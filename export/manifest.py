@@ -9,6 +9,25 @@ from runtime import contract as C
 from svdprune_onnx.select import PruneConfig
 from svdprune_onnx.vision import llava_parts
 
+# PruneConfig field -> manifest key under "pruning" (both directions go through this table).
+PRUNING_KEYS = {
+    "k": C.P_K,
+    "n": C.P_N,
+    "method": C.P_METHOD,
+    "rank": C.P_RANK,
+    "iterations": C.P_ITERS,
+    "oversample": C.P_OVERSAMPLE,
+    "center": C.P_CENTER,
+    "scored_features": C.P_SCORED,
+    "seed": C.P_SEED,
+}
+
+
+def prune_config(pruning: dict) -> PruneConfig:
+    """A bundle manifest's pruning section back as the PruneConfig it was exported with."""
+    return PruneConfig(**{name: pruning[key] for name, key in PRUNING_KEYS.items()})
+
+
 PROMPT_MARKER = "{prompt}"
 # LLaVA-1.5's conversation format, for checkpoints that ship no chat template.
 LLAVA15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -81,17 +100,7 @@ def build_manifest(model, processor, prune: PruneConfig, src: Path, validation: 
             "source": str(Path(src).resolve()),
             "name": Path(src).name,
         },
-        C.KEY_PRUNING: {
-            C.P_K: pruning["k"],
-            C.P_N: pruning["n"],
-            C.P_METHOD: pruning["method"],
-            C.P_RANK: pruning["rank"],
-            C.P_ITERS: pruning["iterations"],
-            C.P_OVERSAMPLE: pruning["oversample"],
-            C.P_CENTER: pruning["center"],
-            C.P_SCORED: pruning["scored_features"],
-            C.P_SEED: pruning["seed"],
-        },
+        C.KEY_PRUNING: {key: pruning[name] for name, key in PRUNING_KEYS.items()},
         C.KEY_VISION: vision_section(model, processor),
         C.KEY_TEXT: {
             C.T_IMAGE_TOKEN_ID: int(cfg.image_token_index),
