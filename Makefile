@@ -110,38 +110,13 @@ profile: $(STAMP)
 # build/eval/bundles); writes build/eval/results.{json,csv,md,png} and images.json. Resumable.
 # Variables: MODEL or PRESET, KS="16 32 64", METHODS="gram power exact ...", LIMIT (images),
 # DATA, ANSWER=logits|text, PROVIDER, EVAL_OUT.
-EVAL_ARGS :=
-ifdef MODEL
-EVAL_ARGS += -m $(MODEL)
-endif
-ifdef PRESET
-EVAL_ARGS += --preset $(PRESET)
-endif
-ifdef KS
-EVAL_ARGS += --k $(KS)
-endif
-ifdef METHODS
-EVAL_ARGS += --methods $(METHODS)
-endif
-ifdef LIMIT
-EVAL_ARGS += --limit $(LIMIT)
-endif
-ifdef DATA
-EVAL_ARGS += --data $(DATA)
-endif
-ifdef ANSWER
-EVAL_ARGS += --answer $(ANSWER)
-endif
-ifdef PROVIDER
-EVAL_ARGS += --provider $(PROVIDER)
-endif
-ifdef EVAL_OUT
-EVAL_ARGS += -o $(EVAL_OUT)
-endif
-
 .PHONY: eval
 eval: $(STAMP)
-	$(PY) -m eval $(EVAL_ARGS)
+	$(PY) -m eval $(if $(MODEL),-m $(MODEL)) $(if $(PRESET),--preset $(PRESET)) \
+		$(if $(KS),--k $(KS)) $(if $(METHODS),--methods $(METHODS)) \
+		$(if $(LIMIT),--limit $(LIMIT)) $(if $(DATA),--data $(DATA)) \
+		$(if $(ANSWER),--answer $(ANSWER)) $(if $(PROVIDER),--provider $(PROVIDER)) \
+		$(if $(EVAL_OUT),-o $(EVAL_OUT))
 
 # 1000 runtime calls in one process on the tiny default (exported if missing): RSS growth, slope.
 .PHONY: soak

@@ -23,10 +23,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from bench import models, ortprof
+from bench import models
 from bench.report import environment, load_average, md_table, ok
 from export.vision import OPSET, export_vision
 from runtime import contract as C
+from runtime import ortprof
 from svdprune_onnx.select import (
     PruneConfig,
     score_constant,

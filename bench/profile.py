@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor
+from transformers import LogitsProcessor
 
 from bench.report import environment as bench_environment
+from export import load
 from runtime import contract as C
 from runtime import profile as rp
 from runtime import profile_report as report
@@ -49,26 +50,9 @@ class FirstToken(LogitsProcessor):
 
 def checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
     """(checkpoint folder, bundle name prefix): MODEL, PRESET=medium or the tiny default."""
-    from svdprune_onnx.tiny import ensure_tiny_llava
-
-    models = REPO / "build" / "models"
-    if args.model:
-        src = args.model.resolve()
-    elif args.preset == "medium":
-        src = ensure_tiny_llava(models, tower="clip", text="qwen2", preset="medium")
-    else:
-        src = ensure_tiny_llava(models)
+    src = load.checkpoint(args.model, args.preset)
     default = "medium" if args.preset == "medium" and not args.model else src.name
     return src, args.name or default
-
-
-def token_count(src: Path) -> int:
-    """N of the checkpoint, from its config only (a meta-device model: no weights loaded)."""
-    from svdprune_onnx.vision import vision_token_count
-
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(src))
-    return vision_token_count(model)
 
 
 def ensure_bundle(src: Path, k: int, n: int, out: Path) -> Path:
@@ -208,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> None:
     """Export what is missing, profile every K (with PyTorch alongside), write and print."""
     src, name = checkpoint(args)
-    n = token_count(src)
+    n = load.token_count(src)
     ks = sorted({n if k.upper() == "N" else int(k) for k in args.k}, reverse=True)
     bundles = [ensure_bundle(src, k, n, args.bundles_dir / f"{name}-k{k}") for k in ks]
     if args.torch_threads > 0:

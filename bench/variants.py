@@ -120,7 +120,7 @@ def measure(bundles: dict[str, Path], args: argparse.Namespace) -> dict:
     for dtype, bundle in bundles.items():
         pipe = ref if dtype == C.DTYPE_FP32 else Pipeline(bundle, SessionConfig("cpu"))
         row: dict = {"bundle": str(bundle), "bytes": {}}
-        for graph in D.GRAPHS:
+        for graph in C.GRAPH_FILES:
             row["bytes"][graph] = D.graph_bytes(bundle / graph)
         overlaps = np.concatenate(
             [
@@ -161,7 +161,7 @@ def table(report: dict) -> str:
         body.append(
             [
                 dtype,
-                *(f"{b[g] / mib:.2f}" for g in D.GRAPHS),
+                *(f"{b[g] / mib:.2f}" for g in C.GRAPH_FILES),
                 f"{sum(b.values()) / mib:.2f}",
                 f"{r['kept_overlap']['mean']:.3f} / {r['kept_overlap']['min']:.3f}",
                 f"{r['logits_rel_err']['mean']:.2e}",

@@ -76,12 +76,13 @@ def main(args: argparse.Namespace) -> dict:
     from eval.report import markdown, summarize, write_all
     from eval.run import Options, Runner, by_image, make_job, pending, progress_bar
     from eval.torch_side import TorchSide
+    from export import load
     from runtime.session import SessionConfig
 
     t0 = time.perf_counter()
     methods = list(dict.fromkeys(m for m in args.methods if m != B.NONE))
-    src = B.checkpoint(args.model, args.preset)
-    n = B.token_count(src)
+    src = load.checkpoint(args.model, args.preset)
+    n = load.token_count(src)
     # Same spelling as `make profile`: "N" (or N itself) is the unpruned reference, run anyway.
     if bad := [k for k in args.ks if k.upper() != "N" and not k.isdigit()]:
         raise EvalArgError(f"--k takes integers or N, got {bad}")

@@ -36,34 +36,6 @@ class ExportFailedError(RuntimeError):
     """`python -m export` failed; the message carries its last output lines."""
 
 
-def checkpoint(model: Path | None, preset: str) -> Path:
-    """The checkpoint folder: --model, or the built-in preset (built if missing, as export does)."""
-    if model is not None:
-        from export.load import read_config
-
-        read_config(model)  # a clear error for a wrong path before anything runs
-        return model.resolve()
-    from svdprune_onnx.tiny import ensure_tiny_llava
-
-    models = REPO / "build" / "models"
-    if preset == "medium":
-        return ensure_tiny_llava(models, tower="clip", text="qwen2", preset="medium").resolve()
-    return ensure_tiny_llava(models).resolve()
-
-
-def token_count(src: Path) -> int:
-    """N: vision tokens per image that the unpruned model feeds its language model."""
-    from transformers import AutoConfig
-
-    from svdprune_onnx.families import VISION_TOWERS
-
-    cfg = AutoConfig.from_pretrained(src, local_files_only=True)
-    vc = cfg.vision_config
-    side = vc.image_size // vc.patch_size
-    has_cls = VISION_TOWERS[vc.model_type].has_cls
-    return side * side + int(has_cls and cfg.vision_feature_select_strategy == "full")
-
-
 def export_args(model: Path | None, preset: str) -> list[str]:
     return ["-m", str(model)] if model is not None else ["--preset", preset]
 

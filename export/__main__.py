@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> Path:
     """Export one bundle; returns its folder. Raises typed errors on bad input."""
     from export.bundle import atomic_dir, copy_side_files, package_versions, write_manifest
     from export.decoder import export_decoder_optimum
-    from export.load import load_image_processor, load_llava
+    from export.load import checkpoint, load_image_processor, load_llava
     from export.manifest import build_manifest, graphs_section, prompt_section, text_facts
     from export.photos import validation_batches
     from export.text_graphs import decoder_parity, embed_parity, export_embed
@@ -96,18 +96,11 @@ def main(args: argparse.Namespace) -> Path:
     from export.vision import OPSET, export_vision, validate_vision
     from svdprune_onnx.select import PruneConfig, PruneError
     from svdprune_onnx.text import causal_lm
-    from svdprune_onnx.tiny import ensure_tiny_llava
     from svdprune_onnx.vision import PrunedVision, vision_token_count
 
     steps = 5 if args.dtype == C.DTYPE_FP32 else 6  # the dtype pass is a step of its own
     t = step(1, steps, "loading checkpoint")
-    models = REPO / "build" / "models"
-    if args.model:
-        src = args.model
-    elif args.preset == "medium":
-        src = ensure_tiny_llava(models, tower="clip", text="qwen2", preset="medium")
-    else:
-        src = ensure_tiny_llava(models)
+    src = checkpoint(args.model, args.preset)
     model = load_llava(src)
     processor = load_image_processor(src)
     prompt = prompt_section(src)

@@ -40,6 +40,16 @@ class OutputError(RuntimeError):
 # OSErrors that the user fixes (space, permissions), reported as one line instead of a traceback.
 _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
+# Graphs whose weights pass this are saved with external data: protobuf caps a file at 2 GiB,
+# and the graph itself needs room beside the weights.
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
+
+
+def data_file(graph: Path) -> Path:
+    """The external-data file of an ONNX graph (`x.onnx` -> `x.onnx_data`), present or not."""
+    return graph.with_name(graph.name + C.EXTERNAL_DATA_SUFFIX)
+
+
 PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu")
 
 

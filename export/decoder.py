@@ -27,6 +27,7 @@ from optimum.utils import (
     NormalizedTextConfigWithGQA,
 )
 
+from export.bundle import data_file
 from runtime import contract as C
 
 # Dummy shapes for tracing: all >= 2 so no axis gets specialised to a constant.
@@ -72,7 +73,7 @@ def _move_onnx(src: Path, dst: Path) -> None:
     Only the tensor records are rewritten (weights are not loaded), so this costs no memory.
     """
     model = onnx.load(str(src), load_external_data=False)
-    data_name = dst.name + "_data"
+    data_name = data_file(dst).name
     moved = set()
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:

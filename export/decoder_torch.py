@@ -24,11 +24,10 @@ from torch import nn
 from torch.export import Dim
 from transformers import DynamicCache, PreTrainedModel
 
+from export.bundle import EXTERNAL_DATA_BYTES, data_file
 from export.vision import FORBIDDEN_OPS, ExportValidationError
 from runtime import contract as C
 
-# Above this the weights go to external data (protobuf's 2 GiB limit, with headroom for the graph).
-EXTERNAL_DATA_BYTES = 2**31 - 2**26
 # Trace sizes: all >= 2 (torch.export specialises 0 and 1) and pairwise different, so no axis is
 # unified with another by accident. Runtime sizes 0 (past) and 1 (batch, sequence) still work.
 TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 3, 4, 5
@@ -171,7 +170,7 @@ def export_decoder_torch(lm: PreTrainedModel, path: Path, opset: int = 18) -> No
     _name_axes(program, cfg)
     model = program.model
     _check_no_control_flow(model)
-    data = path.with_name(path.name + "_data")
+    data = data_file(path)
     data.unlink(missing_ok=True)  # a stale file from an earlier, larger export
     weights = (v.const_value for v in model.graph.initializers.values())
     size = sum(t.nbytes for t in weights if t is not None)

@@ -28,15 +28,15 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
+from export.bundle import EXTERNAL_DATA_BYTES, data_file
 from export.vision import ExportValidationError
 from runtime import contract as C
 
-GRAPHS = (C.VISION_ONNX, C.EMBED_ONNX, C.DECODER_ONNX)
 # Which format each graph gets in each bundle variant. The vision graph is never integer-
 # quantised: its cost is the tower's activations, and the leverage scores need float inputs.
 PLANS: dict[str, dict[str, str]] = {
-    C.DTYPE_FP32: dict.fromkeys(GRAPHS, C.DTYPE_FP32),
-    C.DTYPE_FP16: dict.fromkeys(GRAPHS, C.DTYPE_FP16),
+    C.DTYPE_FP32: dict.fromkeys(C.GRAPH_FILES, C.DTYPE_FP32),
+    C.DTYPE_FP16: dict.fromkeys(C.GRAPH_FILES, C.DTYPE_FP16),
     C.DTYPE_INT8: {C.VISION_ONNX: C.DTYPE_FP32, C.EMBED_ONNX: C.DTYPE_INT8,
                    C.DECODER_ONNX: C.DTYPE_INT8},
     C.DTYPE_Q4: {C.VISION_ONNX: C.DTYPE_FP32, C.EMBED_ONNX: C.DTYPE_Q4,
@@ -45,8 +45,6 @@ PLANS: dict[str, dict[str, str]] = {
                     C.DECODER_ONNX: C.DTYPE_Q4F16},
 }  # fmt: skip
 Q4_BLOCK = 32
-# Graphs above this many bytes of weights are written with external data (protobuf caps at 2 GB).
-EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 @dataclass(frozen=True)
@@ -199,18 +197,14 @@ def to_int8(src: Path, dst: Path, op_type: str) -> None:
         dst,
         op_types_to_quantize=[op_type],
         weight_type=QuantType.QInt8,
-        use_external_data_format=_has_external_data(src),
+        use_external_data_format=data_file(src).is_file(),
     )
 
 
 # --- files -----------------------------------------------------------------------------------
-def _has_external_data(path: Path) -> bool:
-    return Path(str(path) + "_data").is_file()
-
-
 def graph_bytes(path: Path) -> int:
     """A graph's size on disk, its external data included."""
-    data = Path(str(path) + "_data")
+    data = data_file(path)
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
@@ -227,9 +221,9 @@ def load_inferred(path: Path) -> onnx.ModelProto:
 def save(model: onnx.ModelProto, path: Path) -> None:
     """Write `path` (and `path`_data when the weights pass EXTERNAL_DATA_BYTES)."""
     weights = sum(len(t.raw_data) for t in model.graph.initializer)
-    Path(str(path) + "_data").unlink(missing_ok=True)
+    data_file(path).unlink(missing_ok=True)
     if weights > EXTERNAL_DATA_BYTES:
-        onnx.save(model, str(path), save_as_external_data=True, location=path.name + "_data")
+        onnx.save(model, str(path), save_as_external_data=True, location=data_file(path).name)
     else:
         onnx.save(model, str(path))
 
@@ -279,8 +273,8 @@ def convert_bundle(root: Path, ref: Path, dtype: str) -> dict[str, str]:
         kept = ref / graph
         kept.parent.mkdir(parents=True, exist_ok=True)
         (root / graph).replace(kept)
-        if _has_external_data(root / graph):
-            Path(str(root / graph) + "_data").replace(str(kept) + "_data")
+        if data_file(root / graph).is_file():
+            data_file(root / graph).replace(data_file(kept))
         convert_graph(kept, root / graph, graph_dtype, graph)
     return plan
 

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+from transformers import AutoImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 
 from runtime import contract as C
 from svdprune_onnx.families import FAMILIES, VISION_TOWERS
-from svdprune_onnx.vision import UnsupportedModelError
+from svdprune_onnx.vision import UnsupportedModelError, vision_token_count
+
+# Where the built-in random-weight presets are built (once) when no --model is given.
+MODELS = Path(__file__).resolve().parents[1] / "build" / "models"
 
 
 class CheckpointError(ValueError):
@@ -52,6 +55,27 @@ def read_config(path: Path) -> dict:
     return cfg
 
 
+def checkpoint(model: Path | None, preset: str = "tiny") -> Path:
+    """The checkpoint folder: a local `--model`, else the built-in preset (tiny: CLIP + Llama,
+    seconds; medium: CLIP ViT-L/14-336 + Qwen2-0.5B shapes), built under MODELS if missing."""
+    if model is not None:
+        return Path(model).resolve()
+    from svdprune_onnx.tiny import ensure_tiny_llava
+
+    if preset == "medium":
+        return ensure_tiny_llava(MODELS, tower="clip", text="qwen2", preset="medium").resolve()
+    return ensure_tiny_llava(MODELS).resolve()
+
+
+def token_count(path: Path) -> int:
+    """N, the vision tokens per image, from the config alone (a meta-device model: no weights)."""
+    read_config(path)
+    with torch.device("meta"):
+        cfg = LlavaConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        model = LlavaForConditionalGeneration(cfg)
+    return vision_token_count(model)
+
+
 def load_llava(path: Path) -> LlavaForConditionalGeneration:
     """The model in float32 eval mode, local files only, eager attention (plain ONNX ops)."""
     read_config(path)
@@ -81,7 +105,7 @@ def load_llava(path: Path) -> LlavaForConditionalGeneration:
 
 def load_image_processor(path: Path):
     """The checkpoint's own image processor (the reference the runtime must match)."""
-    if not (path / "preprocessor_config.json").is_file():
+    if not (path / C.HF_PREPROCESSOR_CONFIG).is_file():
         # transformers would fall back to a default (224 px) processor: refuse instead.
         raise CheckpointError(
             f"{path} has no usable preprocessor_config.json (missing); copy it from the "

@@ -31,9 +31,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from export.bundle import data_file
 from runtime import contract as C
-
-GRAPHS = (C.VISION_ONNX, C.EMBED_ONNX, C.DECODER_ONNX)
 
 
 class TransformersJsError(ValueError):
@@ -68,9 +67,9 @@ def processor_fields(k: int, image_size: tuple[int, int]) -> dict:
 def external_data(root: Path) -> dict[str, int]:
     """{graph file name: 1} for every graph whose weights live in a `<name>_data` file."""
     out = {}
-    for rel in GRAPHS:
+    for rel in C.GRAPH_FILES:
         graph = root / rel
-        if graph.with_name(graph.name + C.EXTERNAL_DATA_SUFFIX).is_file():
+        if data_file(graph).is_file():
             out[graph.name] = 1
     return out
 

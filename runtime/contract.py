@@ -14,11 +14,13 @@ ONNX_DIR = "onnx"
 VISION_ONNX = f"{ONNX_DIR}/vision_encoder.onnx"
 EMBED_ONNX = f"{ONNX_DIR}/embed_tokens.onnx"
 DECODER_ONNX = f"{ONNX_DIR}/decoder_model_merged.onnx"
+GRAPH_FILES = (VISION_ONNX, EMBED_ONNX, DECODER_ONNX)
 TOKENIZER_FILE = "tokenizer.json"  # the runtime's tokenizer
 # The side files the export adapts so transformers.js loads the bundle unchanged
 # (export/transformersjs.py); its session names are the graph file stems above.
 HF_CONFIG = "config.json"
 HF_PROCESSOR_CONFIG = "processor_config.json"
+HF_PREPROCESSOR_CONFIG = "preprocessor_config.json"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 HF_CHAT_TEMPLATE_JSON = "chat_template.json"
@@ -26,7 +28,7 @@ HF_CHAT_TEMPLATE_JSON = "chat_template.json"
 HF_SIDE_FILES = (
     HF_CONFIG,
     "generation_config.json",
-    "preprocessor_config.json",
+    HF_PREPROCESSOR_CONFIG,
     HF_PROCESSOR_CONFIG,
     TOKENIZER_FILE,
     HF_TOKENIZER_CONFIG,

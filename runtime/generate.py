@@ -23,14 +23,7 @@ from tokenizers import Tokenizer
 from runtime import contract as C
 from runtime.bundle import BundleError, load_manifest
 from runtime.preprocess import ImageError
-from runtime.session import (
-    GRAPH_ROLES,
-    SessionConfig,
-    check_dtypes,
-    device_of,
-    graph_dtype,
-    open_session,
-)
+from runtime.session import GRAPH_ROLES, SessionConfig, bundle_providers, device_of, open_session
 
 # Pipeline.generate's stages before the first token (Result.timings_ms keys); TTFT adds preprocess.
 TTFT_STAGES = ("vision", "embed", "prefill")
@@ -97,10 +90,9 @@ class Pipeline:
         self.prompt_cfg = self.m[C.KEY_PROMPT]
         cfg = cfg or SessionConfig()
         self.tokenizer = Tokenizer.from_file(str(self.bundle / C.TOKENIZER_FILE))
-        check_dtypes(cfg, self.m)  # before any session: a refused bundle fails fast
+        chains = bundle_providers(cfg, self.bundle, self.m)  # a refused bundle fails fast
         self.vision, self.embed, self.decoder = (
-            open_session(self.bundle / g, role, cfg, self.bundle, graph_dtype(self.m, g))
-            for g, role in GRAPH_ROLES
+            open_session(self.bundle / g, cfg, chains[g]) for g, _ in GRAPH_ROLES
         )
         # --batch at export fixes the vision graph's batch (TensorRT); None: dynamic
         self.static_batch = self.m.get(C.KEY_VISION, {}).get(C.V_STATIC_BATCH)

@@ -146,16 +146,14 @@ def _unsupported(provider: str, dtype: str, name: str) -> str | None:
 GRAPH_ROLES = ((C.VISION_ONNX, "vision"), (C.EMBED_ONNX, "text"), (C.DECODER_ONNX, "text"))
 
 
-def check_dtypes(cfg: SessionConfig, manifest: dict) -> None:
-    """Refuse, before any session exists, a bundle holding a graph format that the explicitly
-    chosen provider cannot run (`auto` instead skips that provider per graph, with a note)."""
-    if cfg.provider == "auto" or cfg.provider not in PROVIDER_CHOICES:
-        return  # auto decides per graph; an unknown name is refused by wanted_providers
-    for graph, role in reversed(GRAPH_ROLES):  # the decoder first: it holds the int8 MatMuls
-        for provider in _candidates(cfg, role):
-            message = _unsupported(provider, graph_dtype(manifest, graph), graph)
-            if message is not None:
-                raise ProviderError(message + _DTYPE_FIX)
+def bundle_providers(cfg: SessionConfig, bundle: Path, manifest: dict) -> dict[str, list]:
+    """Provider chains of every graph of a bundle, all worked out before any session exists, so
+    a graph format the chosen provider cannot run fails fast (the decoder, holding the int8
+    MatMuls, is checked first)."""
+    return {
+        graph: wanted_providers(cfg, role, bundle, graph_dtype(manifest, graph), graph)
+        for graph, role in reversed(GRAPH_ROLES)
+    }
 
 
 def wanted_providers(
@@ -190,15 +188,13 @@ def wanted_providers(
     return [*chain, CPU]
 
 
-def open_session(
-    path: Path, graph: str, cfg: SessionConfig, bundle: Path, dtype: str = C.DTYPE_FP32
-) -> ort.InferenceSession:
-    """Create a session and check it really got the accelerator that was asked for."""
+def open_session(path: Path, cfg: SessionConfig, wanted: list) -> ort.InferenceSession:
+    """Create a session on the `wanted` providers (wanted_providers) and check it really got
+    the accelerator that was asked for."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = OPT_LEVELS[cfg.opt_level]
     opts.intra_op_num_threads = cfg.threads
     opts.log_severity_level = 3  # ORT's own fallback warnings are replaced by ours below
-    wanted = wanted_providers(cfg, graph, bundle, dtype, Path(path).name)
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
     first = wanted[0][0] if isinstance(wanted[0], tuple) else wanted[0]
     got = sess.get_providers()[0]
