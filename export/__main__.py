@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=16, help="vision tokens kept per image (default 16)")
     ap.add_argument("--method", choices=METHODS, default=d.method, help=f"default {d.method}")
     ap.add_argument(
-        "--rank", default=str(d.rank), help=f"leverage rank r, or 'k' (default {d.rank})"
+        "--rank", help=f"leverage rank r, or 'k' (default {d.rank}, clamped to K when K is smaller)"
     )
     ap.add_argument("--iters", type=int, default=d.iterations, help="products with the Gram matrix")
     ap.add_argument("--oversample", type=int, default=d.oversample, help="extra columns (gram)")
@@ -79,6 +79,20 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def resolve_rank(text: str | None, k: int) -> int:
+    """--rank as an integer: 'k' -> K; omitted -> the default rank, clamped to K (K=4 works);
+    an explicit rank above K stays an error (PruneConfig/main refuse it with the fix)."""
+    from svdprune_onnx.select import PruneConfig, PruneError
+
+    if text is None:
+        return max(1, min(PruneConfig.rank, k))
+    if text.lower() == "k":
+        return k
+    if not text.isdigit():
+        raise PruneError(f"--rank takes an integer or 'k', got {text!r}")
+    return int(text)
+
+
 def step(i: int, n: int, text: str) -> float:
     print(f"[{i}/{n}] {text}", flush=True)
     return time.perf_counter()
@@ -94,10 +108,17 @@ def main(args: argparse.Namespace) -> Path:
     from export.text_graphs import decoder_parity, embed_parity, export_embed
     from export.transformersjs import adapt_for_transformersjs
     from export.vision import OPSET, export_vision, validate_vision
+    from svdprune_onnx.leverage import EXACT, LEVERAGE_METHODS
     from svdprune_onnx.select import PruneConfig, PruneError
     from svdprune_onnx.text import causal_lm
     from svdprune_onnx.vision import PrunedVision, vision_token_count
 
+    if args.method == EXACT:  # refuse before minutes of loading, not at trace time
+        raise PruneError(
+            "method 'exact' is the float64 SVD reference (bench and eval only): ONNX has no SVD, "
+            "so it cannot be exported; use --method gram (default) or power"
+        )
+    rank = resolve_rank(args.rank, args.k)
     steps = 5 if args.dtype == C.DTYPE_FP32 else 6  # the dtype pass is a step of its own
     t = step(1, steps, "loading checkpoint")
     src = checkpoint(args.model, args.preset)
@@ -106,21 +127,17 @@ def main(args: argparse.Namespace) -> Path:
     prompt = prompt_section(src)
     lm = causal_lm(model)
     n = vision_token_count(model)
-    if args.rank.lower() != "k" and not args.rank.isdigit():
-        raise PruneError(f"--rank takes an integer or 'k', got {args.rank!r}")
     prune = PruneConfig(
         k=args.k,
         n=n,
         method=args.method,
-        rank=args.k if args.rank.lower() == "k" else int(args.rank),
+        rank=rank,
         iterations=args.iters,
         center=args.center == "on",
         oversample=args.oversample,
         scored_features=args.score,
         seed=args.seed,
     )
-    from svdprune_onnx.leverage import LEVERAGE_METHODS
-
     if prune.method in LEVERAGE_METHODS and prune.rank > prune.k:  # r directions for K tokens
         raise PruneError(
             f"rank must be in 1..K={prune.k} (at most one direction per kept token), got "

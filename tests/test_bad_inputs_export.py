@@ -95,7 +95,7 @@ def test_partial_checkpoint(tiny_clip, tmp_path, capsys, case: str, message: str
     ("args", "message"),
     [
         (["--k", "-1"], "K must be in 1..576"),
-        (["--k", "4"], "rank must be in 1..K=4"),  # the default rank 8 > K
+        (["--k", "4", "--rank", "8"], "rank must be in 1..K=4"),  # explicit rank > K
         (["--k", "16", "--rank", "17"], "rank must be in 1..K=16"),
         (["--k", "16", "--rank", "0"], "rank must be in 1..576"),
         (["--k", "576", "--method", "gram", "--rank", "577"], "rank must be in 1..576"),
