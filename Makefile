@@ -1,5 +1,7 @@
 # svdprune-onnx: two commands on a fresh machine.
 #   make export K=16   -> build/tiny-llava-k16/ (creates .venv, installs pinned deps, builds the tiny model)
+#   make run           -> answers a question with the bundle `make export` writes for the same
+#                         variables (exported first if missing); IMAGE=, PROMPT=
 #   make test          -> the CPU test suite that CI runs
 # Variables for export: K, MODEL (local HF LLaVA checkpoint dir) or PRESET=medium, METHOD, RANK,
 # ITERS, CENTER, SCORE, POSITIONS, DECODER_EXPORTER, OUT, DTYPE (fp32|fp16|int8|q4|q4f16), BATCH.
@@ -65,13 +67,15 @@ $(STAMP): pyproject.toml requirements/runtime.txt requirements/export.txt requir
 export: $(STAMP)
 	$(PY) -m export $(EXPORT_ARGS)
 
-# Answer a question about a real photo with the default bundle, exporting it first if missing.
-BUNDLE ?= build/tiny-llava-k$(K)$(if $(filter-out fp32,$(DTYPE)),-$(DTYPE))
+# Answer a question about a real photo with the bundle `make export` writes for the same
+# variables (K, MODEL or PRESET, DTYPE, OUT, ...), exporting it first if missing. The folder comes
+# from the export CLI itself (--print-out), the one place that names bundles.
 IMAGE  ?= ../shared/data/images/coco_cats.png
 PROMPT ?= What is in the image?
 run: $(STAMP)
-	test -f $(BUNDLE)/svdprune.json || $(PY) -m export $(EXPORT_ARGS)
-	$(PY) -m runtime.run -m $(BUNDLE) -i $(IMAGE) -p "$(PROMPT)" --max-new-tokens 32 --timings
+	bundle="$$($(PY) -m export $(EXPORT_ARGS) --print-out)" && \
+	{ test -f "$$bundle/svdprune.json" || $(PY) -m export $(EXPORT_ARGS); } && \
+	$(PY) -m runtime.run -m "$$bundle" -i $(IMAGE) -p "$(PROMPT)" --max-new-tokens 32 --timings
 
 test: $(STAMP)
 	$(PY) -m ruff check .

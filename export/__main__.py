@@ -32,10 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--preset",
-        choices=("tiny", "medium"),
+        choices=("tiny", "realistic", "medium"),
         default="tiny",
-        help="built-in random-weight checkpoint when no -m: tiny (CLIP+Llama, seconds) or medium "
-        "(CLIP ViT-L/14-336 + Qwen2-0.5B shapes, real compute)",
+        help="built-in random-weight checkpoint when no -m: tiny (CLIP+Llama, seconds), "
+        "realistic (tiny with outlier tokens and massive activations, as real weights have) or "
+        "medium (CLIP ViT-L/14-336 + Qwen2-0.5B shapes, real compute)",
     )
     ap.add_argument("--k", type=int, default=16, help="vision tokens kept per image (default 16)")
     ap.add_argument("--method", choices=METHODS, default=d.method, help=f"default {d.method}")
@@ -69,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_positive_int,
         help="fix the vision graph's batch size (static shapes for TensorRT; default dynamic)",
     )
+    ap.add_argument(
+        "--print-out",
+        action="store_true",
+        help="print the bundle folder these options write, and exit without exporting",
+    )
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap.parse_args(argv)
 
@@ -98,16 +104,46 @@ def step(i: int, n: int, text: str) -> float:
     return time.perf_counter()
 
 
+def bundle_path(args: argparse.Namespace, src: Path | None = None) -> Path:
+    """The bundle folder an export with these options writes: --out, else
+    build/<checkpoint folder name>-k<K>[-<dtype>]. The one definition: main() passes the
+    checkpoint it resolved; `--print-out` (`make run`) resolves it here, building a missing
+    preset (its messages go to stderr, so stdout holds the path alone)."""
+    if args.out is not None:
+        return args.out
+    if src is None:
+        import contextlib
+
+        from export.load import checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):
+            src = checkpoint(args.model, args.preset)
+    suffix = "" if args.dtype == C.DTYPE_FP32 else f"-{args.dtype}"
+    return REPO / "build" / f"{src.name}-k{args.k}{suffix}"
+
+
 def main(args: argparse.Namespace) -> Path:
     """Export one bundle; returns its folder. Raises typed errors on bad input."""
+    import torch
+
     from export.bundle import atomic_dir, copy_side_files, package_versions, write_manifest
     from export.decoder import export_decoder_optimum
     from export.load import checkpoint, load_image_processor, load_llava
-    from export.manifest import build_manifest, graphs_section, prompt_section, text_facts
+    from export.manifest import (
+        build_manifest,
+        graphs_section,
+        prompt_section,
+        text_facts,
+        vision_section,
+    )
     from export.photos import validation_batches
+    from export.processor import check_runtime_pixels
     from export.text_graphs import decoder_parity, embed_parity, export_embed
     from export.transformersjs import adapt_for_transformersjs
     from export.vision import OPSET, export_vision, validate_vision
+    from runtime.generate import Pipeline
+    from runtime.selftest import save_reference
+    from runtime.session import SessionConfig
     from svdprune_onnx.leverage import EXACT, LEVERAGE_METHODS
     from svdprune_onnx.select import PruneConfig, PruneError
     from svdprune_onnx.text import causal_lm
@@ -144,15 +180,16 @@ def main(args: argparse.Namespace) -> Path:
             f"{prune.rank}; pass --rank k or a smaller --rank"
         )
     module = PrunedVision(model, prune).eval()
-    # Read the validation photos now: a bad -i path fails before minutes of export, not after.
-    batches = validation_batches(
-        processor, args.image or sorted(SHARED_IMAGES.glob("*")), big=max(3, args.batch or 0)
-    )
+    # Preprocessing: refuse processor options the runtime does not model, then require its
+    # pixels to equal the checkpoint's own processor's on the validation photos (max |diff| 0).
+    # Read the photos now: a bad -i path fails before minutes of export, not after.
+    photos = args.image or sorted(SHARED_IMAGES.glob("*"))
+    pixel_check = check_runtime_pixels(processor, vision_section(model, processor), photos)
+    batches = validation_batches(processor, photos, big=max(3, args.batch or 0))
     if args.batch:  # a static graph is validated on batches of exactly its size
         big, b = batches[-1], args.batch
         batches = [big[i : i + b] for i in range(0, len(big) - b + 1, b)]
-    suffix = "" if args.dtype == C.DTYPE_FP32 else f"-{args.dtype}"
-    out = args.out or REPO / "build" / f"{src.name}-k{prune.k}{suffix}"
+    out = bundle_path(args, src)
     print(f"      {src} | N={n} -> K={prune.k} | {prune.method} r={prune.rank} "
           f"iters={prune.iterations} center={prune.center} on {prune.scored_features} features "
           f"({time.perf_counter() - t:.1f}s)")  # fmt: skip
@@ -165,7 +202,11 @@ def main(args: argparse.Namespace) -> Path:
         image_size = tuple(module.vm.embeddings.config.image_size for _ in range(2))
         export_vision(module, tmp / C.VISION_ONNX, image_size, args.vision_exporter, args.batch)
         report = validate_vision(module, tmp / C.VISION_ONNX, batches)
-        done(t, f"kept_indices identical, max |diff| {report['image_features_max_abs_diff']:.2e}")
+        report.update(pixel_check)  # preprocessing figures (export/processor.py)
+        sel = report[C.VAL_SELECTION]
+        rel = report[C.VAL_FEATURES_REL]
+        done(t, f"kept_indices agreement {sel['agreement_min']:.3f}, leverage mass "
+                f"{sel['mass_min']:.4f}, features rel. diff {rel:.1e}")  # fmt: skip
 
         t = step(3, steps, f"{C.EMBED_ONNX}: export + parity")
         export_embed(lm, tmp / C.EMBED_ONNX, OPSET)
@@ -178,8 +219,9 @@ def main(args: argparse.Namespace) -> Path:
         else:
             export_decoder = export_decoder_optimum
         export_decoder(lm, tmp / C.DECODER_ONNX, OPSET)
-        report["decoder_max_abs_diff"] = decoder_parity(lm, tmp / C.DECODER_ONNX)
-        done(t, f"prefill + 3 steps, batch 1/2, max |diff| {report['decoder_max_abs_diff']:.2e}")
+        worst = decoder_parity(lm, tmp / C.DECODER_ONNX)
+        report[C.VAL_DECODER_REL], report["decoder_max_abs_diff"] = worst["rel"], worst["abs"]
+        done(t, f"prefill + 3 steps, batch 1/2, rel. diff {worst['rel']:.1e} of each scale")
 
         plan = convert_variant(tmp, args.dtype, batches, text_facts(model), report, steps)
         step(steps, steps, f"writing bundle {out}")
@@ -198,6 +240,13 @@ def main(args: argparse.Namespace) -> Path:
         }
         adapt_for_transformersjs(tmp, manifest)  # config/processor files for transformers.js
         write_manifest(tmp, manifest)
+        # The device self-test's reference: this bundle's own CPU run on real photos.
+        pixels = batches[-1][: args.batch or 2]  # a static vision graph takes its own batch
+        with torch.no_grad():
+            scores = module.scores(torch.from_numpy(pixels)).numpy()
+        pipe = Pipeline(tmp, SessionConfig(provider="cpu"), verify=False)  # hashed just now
+        manifest[C.KEY_SELFTEST] = save_reference(pipe, pixels, scores)
+        write_manifest(tmp, manifest, only=C.SELFTEST_FILE)
     summary(out, prune, report)
     return out
 
@@ -237,13 +286,13 @@ def summary(out: Path, prune, report: dict) -> None:
     print(f"\nbundle: {out}  ({sum(f.stat().st_size for f in files) / 2**20:.1f} MiB)")
     for f in files:
         print(f"  {f.relative_to(out).as_posix():40s} {f.stat().st_size / 2**20:8.2f} MiB")
-    vision, decoder = report["image_features_max_abs_diff"], report["decoder_max_abs_diff"]
+    vision, decoder = report[C.VAL_FEATURES_REL], report[C.VAL_DECODER_REL]
     from svdprune_onnx.leverage import LEVERAGE_METHODS
 
     detail = f" (r={prune.rank}, {prune.iterations} iterations)" * (
         prune.method in LEVERAGE_METHODS
     )
-    print(f"K={prune.k} of N={prune.n}, method={prune.method}{detail}; max |diff| vs PyTorch: "
+    print(f"K={prune.k} of N={prune.n}, method={prune.method}{detail}; rel. diff vs PyTorch: "
           f"vision {vision:.1e}, decoder {decoder:.1e}")  # fmt: skip
     print(f"next: python -m runtime.bundle {out}   # verify checksums on the target device")
 
@@ -253,7 +302,10 @@ def cli(argv: list[str] | None = None) -> int:
     from export.errors import USER_ERRORS
 
     try:
-        main(args)
+        if args.print_out:
+            print(bundle_path(args))
+        else:
+            main(args)
     except USER_ERRORS as e:
         if args.debug:
             raise

@@ -72,10 +72,14 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def write_manifest(root: Path, manifest: dict) -> None:
-    """Hash every file under `root`, then write svdprune.json (last, so it marks completeness)."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != C.MANIFEST_FILE)
-    manifest[C.KEY_FILES] = {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+def write_manifest(root: Path, manifest: dict, only: str | None = None) -> None:
+    """Hash every file under `root` (or just the new file `only`, the others being hashed
+    already), then write svdprune.json (last, so it marks completeness)."""
+    if only is not None:
+        manifest[C.KEY_FILES][only] = sha256_file(root / only)
+    else:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != C.MANIFEST_FILE)
+        manifest[C.KEY_FILES] = {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
     tmp = root / (C.MANIFEST_FILE + ".part")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, root / C.MANIFEST_FILE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from export.bundle import OutputError
 from export.load import CheckpointError
+from export.processor import ImageProcessorError
 from export.transformersjs import TransformersJsError
 from export.vision import ExportValidationError
 from runtime.bundle import BundleError
@@ -13,6 +14,7 @@ from svdprune_onnx.vision import UnsupportedModelError
 
 USER_ERRORS = (
     CheckpointError,
+    ImageProcessorError,
     ImageError,
     ExportValidationError,
     BundleError,

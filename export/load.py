@@ -56,15 +56,16 @@ def read_config(path: Path) -> dict:
 
 
 def checkpoint(model: Path | None, preset: str = "tiny") -> Path:
-    """The checkpoint folder: a local `--model`, else the built-in preset (tiny: CLIP + Llama,
-    seconds; medium: CLIP ViT-L/14-336 + Qwen2-0.5B shapes), built under MODELS if missing."""
+    """The checkpoint folder: a local `--model`, else the built-in preset, built under MODELS if
+    missing: tiny (CLIP + Llama, seconds), realistic (tiny with the activation statistics of
+    real checkpoints) or medium (CLIP ViT-L/14-336 + Qwen2-0.5B shapes)."""
     if model is not None:
         return Path(model).resolve()
     from svdprune_onnx.tiny import ensure_tiny_llava
 
     if preset == "medium":
         return ensure_tiny_llava(MODELS, tower="clip", text="qwen2", preset="medium").resolve()
-    return ensure_tiny_llava(MODELS).resolve()
+    return ensure_tiny_llava(MODELS, preset=preset).resolve()
 
 
 def token_count(path: Path) -> int:

@@ -57,34 +57,23 @@ def prompt_section(src: Path) -> dict:
     return {C.PR_TEMPLATE: template, C.PR_MARKER: PROMPT_MARKER, C.PR_IMAGE: image, C.PR_CHAT: chat}
 
 
-def _size(value, key_h: str = "height", key_w: str = "width") -> list[int] | None:
-    # processor sizes come as {"height", "width"}, {"shortest_edge"} or an int.
-    if isinstance(value, dict) and key_h in value:
-        return [int(value[key_h]), int(value[key_w])]
-    if isinstance(value, int):
-        return [value, value]
-    return None
-
-
 def vision_section(model, processor) -> dict:
-    """Preprocessing and feature-selection facts, read from the checkpoint's own objects."""
+    """Preprocessing and feature-selection facts, read from the checkpoint's own objects.
+
+    The preprocessing keys come from export.processor, which refuses (ImageProcessorError) any
+    image processor class, option or value the runtime does not reproduce exactly.
+    """
+    from export.processor import preprocessing_facts
+
     _, _, cfg = llava_parts(model)
     vcfg = cfg.vision_config
-    size = getattr(processor, "size", {}) or {}
-    crop = bool(getattr(processor, "do_center_crop", False))
-    shortest = size.get("shortest_edge") if isinstance(size, dict) else None
-    target = _size(getattr(processor, "crop_size", None)) if crop else _size(size)
+    side = vcfg.image_size
+    tower_size = [int(s) for s in side] if isinstance(side, list | tuple) else [side, side]
     return {
         C.V_TOWER: vcfg.model_type,
         C.V_FEATURE_LAYER: cfg.vision_feature_layer,
         C.V_SELECT_STRATEGY: cfg.vision_feature_select_strategy,
-        C.V_IMAGE_SIZE: target or [vcfg.image_size, vcfg.image_size],
-        C.V_RESIZE: shortest,
-        C.V_CROP: "center" if crop else "none",
-        C.V_RESAMPLE: int(getattr(processor, "resample", 3)),
-        C.V_RESCALE: float(getattr(processor, "rescale_factor", 1 / 255)),
-        C.V_IMAGE_MEAN: [float(v) for v in processor.image_mean],
-        C.V_IMAGE_STD: [float(v) for v in processor.image_std],
+        **preprocessing_facts(processor, tower_size),
         "patch_size": vcfg.patch_size,
     }
 

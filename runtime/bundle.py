@@ -97,15 +97,40 @@ def inside(bundle: Path, rel: str) -> Path:
     return target
 
 
-if __name__ == "__main__":  # python -m runtime.bundle BUNDLE: verify a copied bundle on the device
+def main(argv: list[str] | None = None) -> int:
+    """`python -m runtime.bundle BUNDLE [--selftest] [--provider P]`: verify a copied bundle on
+    the device, and with --selftest run its reference photos and prompt (runtime/selftest.py)."""
+    import argparse
     import sys
 
-    try:
-        m = load_manifest(Path(sys.argv[1]))
-    except (BundleError, IndexError) as e:
-        print(f"error: {e or 'usage: python -m runtime.bundle BUNDLE_DIR'}", file=sys.stderr)
-        sys.exit(2)
-    p = m[C.KEY_PRUNING]
-    print(
-        f"ok: {len(m[C.KEY_FILES])} files verified; K={p[C.P_K]} of N={p[C.P_N]}, {p[C.P_METHOD]}"
+    ap = argparse.ArgumentParser(prog="python -m runtime.bundle", description=main.__doc__)
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--selftest", action="store_true", help="run the bundle's self-test")
+    ap.add_argument(
+        "--provider", default="auto", choices=("auto", "cuda", "tensorrt", "cpu"), help="auto"
     )
+    ap.add_argument("--fp16", action="store_true", help="TensorRT fp16 for the vision graph")
+    ap.add_argument("--json", action="store_true", help="print the self-test report as JSON")
+    args = ap.parse_args(argv)
+    try:
+        m = load_manifest(args.bundle)
+        p = m[C.KEY_PRUNING]
+        print(f"ok: {len(m[C.KEY_FILES])} files verified; K={p[C.P_K]} of N={p[C.P_N]}, "
+              f"{p[C.P_METHOD]}")  # fmt: skip
+        if not args.selftest:
+            return 0
+        from runtime.generate import Pipeline
+        from runtime.selftest import describe, run_selftest
+        from runtime.session import ProviderError, SessionConfig
+
+        cfg = SessionConfig(provider=args.provider, trt_fp16=args.fp16)
+        report = run_selftest(Pipeline(args.bundle, cfg, verify=False))  # verified above
+    except (BundleError, ProviderError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else describe(report))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,6 +36,15 @@ HF_SIDE_FILES = (
     HF_CHAT_TEMPLATE_JSON,
     HF_CHAT_TEMPLATE_JINJA,
 )
+# The device self-test's reference (runtime/selftest.py): an .npz of these arrays.
+SELFTEST_FILE = "selftest.npz"
+ST_PIXELS = "pixel_values"  # (B, 3, H, W) float16: a few real photos
+ST_KEPT = "kept_indices"  # (B, K) int64 on the export's CPU run
+ST_FEATURES = "image_features"  # (B, K, D) float32
+ST_SCORES = "scores"  # (B, N) float32: PyTorch's selection scores (for the leverage mass)
+ST_PROMPT = "prompt_ids"  # (S,) int64: a fixed question in the bundle's template
+ST_TOKENS = "token_ids"  # (B, T) int64: greedy tokens, -1 after an early eos
+ST_MARGIN = "first_margin"  # (B,) float32: first token's lead over the runner-up / max |logit|
 TJS_CONFIG = "transformers.js_config"  # config.json block: {dtype, use_external_data_format}
 TJS_DTYPE = "fp32"  # transformers.js dtype whose file suffix is "" (our fixed graph names)
 EXTERNAL_DATA_SUFFIX = "_data"  # decoder_model_merged.onnx -> decoder_model_merged.onnx_data
@@ -81,6 +90,7 @@ KEY_VALIDATION = "validation"  # max differences measured against PyTorch at exp
 KEY_PROMPT = "prompt"  # {template, prompt_marker, image_placeholder, chat_template}
 KEY_DTYPE = "dtype"  # the bundle variant: one of DTYPES (absent in older bundles: fp32)
 KEY_GRAPHS = "graphs"  # {graph path: {dtype, bytes}}: what each graph file holds
+KEY_SELFTEST = "selftest"  # {file, images, new_tokens}: the device self-test's reference
 
 # pruning.*
 P_K = "k"
@@ -106,6 +116,27 @@ V_CROP = "crop"  # "center" or "none"
 V_RESCALE = "rescale_factor"
 V_TOWER = "tower"  # vision config model_type
 V_STATIC_BATCH = "static_batch"  # int: the vision graph's fixed batch (--batch); null: dynamic
+# Preprocessing, in transformers' order: convert RGB -> pad -> resize -> crop -> rescale ->
+# normalize -> CHW (export/processor.py writes these, runtime/preprocess.py applies them). The keys
+# above keep their meaning; every key below is optional, its default being older bundles' rule.
+# V_RESCALE / V_IMAGE_MEAN / V_IMAGE_STD hold the *effective* values: 1.0 when the processor has
+# do_rescale false, mean 0 / std 1 when do_normalize false (both exact no-ops on the pixels).
+V_PROCESSOR = "image_processor"  # the HF slow processor class the pixels equal (checked at export)
+V_CONVERT_RGB = "convert_rgb"  # its do_convert_rgb; the runtime converts any mode regardless
+V_PAD = "pad"  # PAD_SQUARE or PAD_NONE (default)
+V_PAD_COLOR = "pad_color"  # [r, g, b] ints 0..255: the fill of PAD_SQUARE, else null
+V_DO_RESIZE = "do_resize"  # bool, default true; false: no resize (then V_CROP is "center")
+V_RESIZE_SIZE = "resize_size"  # [H, W]: resize to exactly this; null: V_RESIZE or V_IMAGE_SIZE
+V_DO_RESCALE = "do_rescale"  # bool, informational: V_RESCALE already holds the effective factor
+V_DO_NORMALIZE = "do_normalize"  # bool, informational: mean/std already hold the effective values
+# validation.*: runtime.preprocess vs the checkpoint's own image processor (export/processor.py)
+VAL_PREPROCESS = "preprocess_max_abs_diff"  # float, must be 0.0: pixels are bit-exact
+VAL_PREPROCESS_IMAGES = "preprocess_images"  # how many images (photos and variants) were compared
+
+# validation.* (figures measured at export; the floors are in runtime/parity.py)
+VAL_FEATURES_REL = "image_features_rel_diff"  # max |ORT - torch| / max |torch|, agreeing rows
+VAL_SELECTION = "kept_indices"  # {agreement_min, agreement_mean, mass_min, mass_mean}
+VAL_DECODER_REL = "decoder_rel_diff"  # worst over logits and presents, each relative to its scale
 
 # text.*
 T_IMAGE_TOKEN_ID = "image_token_id"
@@ -129,6 +160,11 @@ PR_MARKER = "prompt_marker"
 PR_IMAGE = "image_placeholder"  # expanded by the runtime to exactly K image tokens
 PR_CHAT = "chat_template"  # the checkpoint's jinja template, for multi-turn chat (or null)
 
+# selftest.*
+S_FILE = "file"
+S_IMAGES = "images"
+S_NEW_TOKENS = "new_tokens"
+
 # graphs.<path>.*
 G_DTYPE = "dtype"  # one of DTYPES: the weights' format inside that graph (graph I/O stays float32)
 G_BYTES = "bytes"  # file size including its external data
@@ -141,6 +177,12 @@ POSITIONS_COMPACT = "compact"
 POSITIONS_ORIGINAL = "original"
 POSITIONS_CHOICES = (POSITIONS_COMPACT, POSITIONS_ORIGINAL)
 DECODER_EXPORTERS = ("optimum", "torch")
+CROP_CENTER = "center"  # vision.crop: center crop to V_IMAGE_SIZE (zero-pads a smaller image)
+CROP_NONE = "none"
+# vision.pad: PAD_SQUARE centres the RGB image on a max(H, W) square of V_PAD_COLOR before the
+# resize (offset floored): LlavaImageProcessor do_pad, LLaVA-1.5's expand2square.
+PAD_SQUARE = "square"
+PAD_NONE = "none"
 
 # Bundle variants (python -m export --dtype, make export DTYPE=...). Every variant keeps float32
 # graph inputs/outputs (as transformers.js ships them), so the runtime handles each unchanged.

@@ -80,9 +80,9 @@ def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> np.ndarra
 class Pipeline:
     """A loaded bundle: manifest, tokenizer and the three sessions."""
 
-    def __init__(self, bundle: Path, cfg: SessionConfig | None = None) -> None:
+    def __init__(self, bundle: Path, cfg: SessionConfig | None = None, verify: bool = True) -> None:
         self.bundle = Path(bundle)
-        self.m = load_manifest(self.bundle)
+        self.m = load_manifest(self.bundle, verify)
         missing = {C.KEY_PROMPT, C.KEY_TEXT} - self.m.keys()
         if missing:
             raise BundleError(f"{bundle}: manifest lacks {sorted(missing)}; re-export the bundle")
@@ -98,6 +98,15 @@ class Pipeline:
         self.static_batch = self.m.get(C.KEY_VISION, {}).get(C.V_STATIC_BATCH)
         self.device = device_of(self.decoder)
         self.k = self.text[C.T_IMAGE_TOKENS]
+
+    def sessions(self) -> tuple:
+        """(vision, embed, decoder) sessions, in C.GRAPH_FILES order."""
+        return self.vision, self.embed, self.decoder
+
+    def reopen_vision(self, cfg: SessionConfig) -> None:
+        """A new vision session under `cfg` (the self-test's fp32 fallback)."""
+        chain = bundle_providers(cfg, self.bundle, self.m)[C.VISION_ONNX]
+        self.vision = open_session(self.bundle / C.VISION_ONNX, cfg, chain)
 
     # --- prompt ----------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:

@@ -1,11 +1,18 @@
 """Image loading and pixel preprocessing for the runtime, with numpy and Pillow only.
 
-`preprocess` reproduces transformers' slow CLIPImageProcessor / SiglipImageProcessor (4.57) bit
-for bit from the manifest's vision section: PIL `convert("RGB")`, PIL resize of the uint8 image
-(`reducing_gap=None`), numpy center crop, rescale in float64 cast to float32, then
-`(x - mean) / std` in float32, HWC -> CHW. Deliberate differences, all in `load_image` / `to_rgb`:
-EXIF orientation is applied (as `transformers.image_utils.load_image` does, but not the processors
-when handed a PIL image) and 16-bit greyscale is scaled to 8 bits (PIL's convert clips it to 255).
+`preprocess` reproduces transformers' slow CLIPImageProcessor, LlavaImageProcessor and
+SiglipImageProcessor (4.57) bit for bit from the manifest's vision section, in their order: PIL
+`convert("RGB")`; LlavaImageProcessor's pad to a square of the mean colour (uint8, offset floored);
+PIL resize of the uint8 image (`reducing_gap=None`) to the shortest edge or to [H, W], or none;
+numpy center crop (zero-padding a smaller image); rescale in float64 cast to float32 (factor 1.0
+when the processor does not rescale: the same float32 values as its plain cast); `(x - mean) / std`
+in float32 (0 / 1 when it does not normalize); HWC -> CHW. The export checks these pixels against
+the checkpoint's own processor (export/processor.py) and refuses any flag not modelled here.
+Deliberate differences, all in `load_image` / `to_rgb` / `preprocess`: EXIF orientation is applied
+(as `transformers.image_utils.load_image` does, but not the processors when handed a PIL image),
+16-bit greyscale is scaled to 8 bits (PIL's convert clips it to 255), any mode is converted to RGB
+even when the processor has do_convert_rgb false (transformers raises on such input there), and
+an image whose padded square or resize would exceed MAX_PIXELS is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # What Pillow's decoders raise on corrupt or truncated data.
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, IndexError, struct.error)
 _REQUIRED = (C.V_IMAGE_SIZE, C.V_RESAMPLE, C.V_RESCALE, C.V_IMAGE_MEAN, C.V_IMAGE_STD)
+_CROPS = (C.CROP_CENTER, C.CROP_NONE)  # the last is the default of an absent key
+_PADS = (C.PAD_SQUARE, C.PAD_NONE)
 
 PathLike = str | os.PathLike
 
@@ -112,6 +121,24 @@ def resize_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
     return (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
 
 
+def pad_to_square(pixels: np.ndarray, color: Sequence[int]) -> np.ndarray:
+    """(h, w, 3) uint8 -> (m, m, 3), m = max(h, w): the image centred on `color`, offset floored,
+    exactly as transformers' LlavaImageProcessor.pad_to_square (LLaVA-1.5's expand2square)."""
+    h, w = pixels.shape[:2]
+    if h == w:
+        return pixels
+    m = max(h, w)
+    out = np.empty((m, m, pixels.shape[2]), dtype=pixels.dtype)
+    out[...] = np.asarray(color, dtype=pixels.dtype)
+    if w > h:
+        top = (m - h) // 2
+        out[top : top + h] = pixels
+    else:
+        left = (m - w) // 2
+        out[:, left : left + w] = pixels
+    return out
+
+
 def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """(h, w, c) -> (height, width, c) with transformers' offsets; zero-pads a smaller image."""
     h, w = pixels.shape[:2]
@@ -132,7 +159,32 @@ def _vision_facts(vision: Mapping) -> Mapping:
             f"manifest {C.KEY_VISION} section lacks {', '.join(missing)}; "
             "re-export the bundle with this version of svdprune-onnx"
         )
+    for key, allowed in ((C.V_CROP, _CROPS), (C.V_PAD, _PADS)):
+        if vision.get(key, allowed[-1]) not in allowed:
+            raise ValueError(
+                f"manifest {C.KEY_VISION}.{key} is {vision[key]!r}, not one of {allowed}: a bundle "
+                "from a newer exporter; update runtime/ or re-export the bundle"
+            )
     return vision
+
+
+def _resize_target(height: int, width: int, v: Mapping) -> tuple[int, int]:
+    # (H, W) the image is resized to: shortest edge, an exact size, or (older bundles) image_size.
+    shortest = v.get(C.V_RESIZE)
+    if shortest:
+        return resize_size(height, width, int(shortest))
+    exact = v.get(C.V_RESIZE_SIZE) or v[C.V_IMAGE_SIZE]
+    return int(exact[0]), int(exact[1])
+
+
+def _guard(what: str, size: tuple[int, int], image: Image.Image) -> None:
+    # A 1x20000 strip would resize to 336x6720000 (6.8 GB) or pad to 20000x20000.
+    if size[0] * size[1] > MAX_PIXELS:
+        raise ImageError(
+            f"a {image.width}x{image.height} image {what} {size[1]}x{size[0]} = "
+            f"{size[0] * size[1] / 1e6:.0f} megapixels (aspect ratio too extreme, limit "
+            f"{MAX_PIXELS / 1e6:.0f}); crop it closer to square first"
+        )
 
 
 def preprocess(image: Image.Image, vision: Mapping) -> np.ndarray:
@@ -144,21 +196,29 @@ def preprocess(image: Image.Image, vision: Mapping) -> np.ndarray:
         )
     v = _vision_facts(vision)
     height, width = (int(s) for s in v[C.V_IMAGE_SIZE])
-    shortest = v.get(C.V_RESIZE)
-    rgb = to_rgb(image)
-    size = resize_size(rgb.height, rgb.width, int(shortest)) if shortest else (height, width)
-    if size[0] * size[1] > MAX_PIXELS:  # a 1x20000 strip would resize to 336x6720000 (6.8 GB)
-        raise ImageError(
-            f"a {rgb.width}x{rgb.height} image resizes to {size[1]}x{size[0]} = "
-            f"{size[0] * size[1] / 1e6:.0f} megapixels before the center crop (aspect ratio "
-            f"too extreme, limit {MAX_PIXELS / 1e6:.0f}); crop it closer to square first"
-        )
-    resample = Image.Resampling(int(v[C.V_RESAMPLE]))
-    # PIL takes (W, H); transformers resizes the uint8 RGB image with PIL, reducing_gap=None.
-    pixels = np.asarray(rgb.resize((size[1], size[0]), resample=resample))  # (h, w, 3) uint8
-    if v.get(C.V_CROP) == "center":
+    rgb = to_rgb(image)  # also for do_convert_rgb false: transformers raises on non-RGB there
+    if v.get(C.V_PAD) == C.PAD_SQUARE:
+        side = max(rgb.size)
+        _guard("pads to", (side, side), rgb)
+        square = pad_to_square(np.asarray(rgb), [int(c) for c in v[C.V_PAD_COLOR]])
+        rgb = Image.fromarray(square)  # transformers resizes the padded uint8 array via PIL too
+    if v.get(C.V_DO_RESIZE, True):
+        size = _resize_target(rgb.height, rgb.width, v)
+        _guard("resizes to", size, rgb)
+        resample = Image.Resampling(int(v[C.V_RESAMPLE]))
+        # PIL takes (W, H); transformers resizes the uint8 RGB image with PIL, reducing_gap=None.
+        rgb = rgb.resize((size[1], size[0]), resample=resample)
+    pixels = np.asarray(rgb)  # (h, w, 3) uint8
+    if v.get(C.V_CROP) == C.CROP_CENTER:
         pixels = center_crop(pixels, height, width)  # (H, W, 3) uint8
-    # transformers' rescale: multiply in float64, then cast to float32.
+    if pixels.shape[:2] != (height, width):  # only a manifest the export would refuse gets here
+        raise ImageError(
+            f"a {image.width}x{image.height} image preprocesses to {pixels.shape[1]}x"
+            f"{pixels.shape[0]}, not the {width}x{height} the vision graph takes (this bundle's "
+            f"{C.KEY_VISION} section neither crops nor resizes to a fixed size); re-export it"
+        )
+    # transformers' rescale: multiply in float64, then cast to float32 (factor 1.0 when the
+    # processor does not rescale: the exact float32 cast its normalize would make).
     x = (pixels.astype(np.float64) * float(v[C.V_RESCALE])).astype(np.float32)
     mean = np.asarray(v[C.V_IMAGE_MEAN], dtype=np.float32)  # (3,)
     std = np.asarray(v[C.V_IMAGE_STD], dtype=np.float32)  # (3,)
@@ -176,10 +236,4 @@ def preprocess_batch(
         preprocess(im if isinstance(im, Image.Image) else load_image(im, max_pixels), vision)
         for im in images
     ]
-    shapes = {p.shape for p in pixels}
-    if len(shapes) > 1:
-        raise ImageError(
-            f"images preprocess to different shapes {sorted(shapes)}; the manifest's "
-            f"{C.V_CROP} must be 'center' (or {C.V_RESIZE} null) to batch images of mixed sizes"
-        )
-    return np.stack(pixels)  # (B, 3, H, W)
+    return np.stack(pixels)  # (B, 3, H, W): preprocess gives every image the manifest's size

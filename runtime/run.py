@@ -21,6 +21,7 @@ import numpy as np
 from runtime.bundle import BundleError
 from runtime.generate import TTFT_STAGES, Pipeline, PromptError, Sampling
 from runtime.preprocess import ImageError, load_image, preprocess_batch
+from runtime.selftest import SelfTestError, ensure_selftest
 from runtime.session import OPT_LEVELS, PROVIDER_CHOICES, ProviderError, SessionConfig
 
 
@@ -30,6 +31,7 @@ class UsageError(ValueError):
 
 USER_ERRORS = (
     BundleError,
+    SelfTestError,
     ImageError,
     PromptError,
     ProviderError,
@@ -116,6 +118,8 @@ def main(args: argparse.Namespace) -> int:
     # 1. bundle: manifest (checksums verified), tokenizer, sessions on the chosen providers
     cfg = SessionConfig(args.provider, args.threads, args.opt_level, args.fp16)
     pipe = Pipeline(args.model, cfg)
+    # the bundle's self-test, once per provider/precision (cached beside the bundle)
+    ensure_selftest(pipe, cfg)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     if args.jsonl:
         args.image, texts = read_jsonl(args.jsonl)

@@ -83,6 +83,9 @@ class SessionConfig:
     threads: int = 0
     opt_level: str = "all"
     trt_fp16: bool = False
+    # TensorRT's vision engine in fp32 even for fp16 bundles: set by the self-test when fp16
+    # kernels changed the pruning (runtime/selftest.py)
+    vision_fp32: bool = False
 
 
 def _trt_options(bundle: Path, fp16: bool) -> dict:
@@ -95,6 +98,8 @@ def _trt_options(bundle: Path, fp16: bool) -> dict:
         "trt_timing_cache_enable": True,
         "trt_timing_cache_path": str(cache),
         "trt_fp16_enable": fp16,
+        # fp16 and fp32 engines of one graph side by side (the self-test may switch precision)
+        "trt_engine_cache_prefix": "fp16" if fp16 else "fp32",
     }
 
 
@@ -178,6 +183,7 @@ def wanted_providers(
         reason = unusable_reason(provider)
         if reason is None:
             fp16 = cfg.trt_fp16 or dtype in (C.DTYPE_FP16, C.DTYPE_Q4F16)
+            fp16 = fp16 and not (graph == "vision" and cfg.vision_fp32)
             chain.append((TRT, _trt_options(bundle, fp16)) if provider == TRT else CUDA)
         elif cfg.provider == "auto":
             if provider not in _NOTED:
@@ -198,6 +204,13 @@ def open_session(path: Path, cfg: SessionConfig, wanted: list) -> ort.InferenceS
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
     first = wanted[0][0] if isinstance(wanted[0], tuple) else wanted[0]
     got = sess.get_providers()[0]
+    if first == TRT and got == CUDA:  # ORT retries a failed TensorRT build on CUDA by itself
+        message = f"{TRT} could not build an engine for {path.name}"
+        if cfg.provider == "tensorrt":
+            raise ProviderError(f"{message}; pass --provider cuda or --provider auto")
+        if f"{TRT}:{path.name}" not in _NOTED:
+            _NOTED.add(f"{TRT}:{path.name}")
+            print(f"note: {message}; running it on CUDA", file=sys.stderr)
     if first != CPU and got == CPU:
         message = f"{first} could not start (no usable GPU, driver, CUDA or cuDNN)"
         if cfg.provider != "auto":

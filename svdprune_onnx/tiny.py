@@ -34,6 +34,8 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+from svdprune_onnx import realistic
+
 TINY_NAME = "tiny-llava"
 DEFAULT_MODELS_DIR = Path("build/models")
 
@@ -53,6 +55,9 @@ class Sizes:
     text_kv_heads: int
     vocab: int | None = None  # None: the tokenizer's size
     tie_embeddings: bool = False
+    # Outlier tokens in the tower and massive activations in the decoder, as real checkpoints
+    # have (svdprune_onnx/realistic.py): the numerics random weights hide.
+    realistic: bool = False
 
 
 PRESETS: dict[str, Sizes] = {
@@ -61,6 +66,8 @@ PRESETS: dict[str, Sizes] = {
     # The tiny tower with a 512-wide Llama-style decoder (4.8 M weights): big enough that weight
     # bytes, not graph structure, set a decoder file's size (the q4 size test), still seconds.
     "small": Sizes(64, 128, 3, 4, 512, 1408, 2, 8, 2),
+    # The tiny shapes with real-checkpoint activation statistics: parity, fidelity and e2e tests.
+    "realistic": Sizes(64, 128, 3, 4, 64, 128, 2, 4, 2, realistic=True),
     # Real shapes (random weights): CLIP ViT-L/14-336 + a Qwen2-0.5B-shaped decoder, as
     # llava-interleave-qwen-0.5b deploys; for export cost and latency figures, not for tests.
     "medium": Sizes(1024, 4096, 24, 16, 896, 4864, 24, 14, 2, 151936, True),
@@ -253,7 +260,7 @@ def _write_checkpoint(dst: Path, tower: str, text: str, seed: int, preset: str) 
         num_hidden_layers=size.text_layers,
         num_attention_heads=size.text_heads,
         num_key_value_heads=size.text_kv_heads,
-        max_position_embeddings=2048 if preset == "tiny" else 32768,
+        max_position_embeddings=2048 if preset in ("tiny", "realistic") else 32768,
         vocab_size=size.vocab or len(tokenizer),
         tie_word_embeddings=size.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id,
@@ -275,6 +282,8 @@ def _write_checkpoint(dst: Path, tower: str, text: str, seed: int, preset: str) 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    if size.realistic:
+        realistic.perturb(model, seed)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -134,23 +134,36 @@ class PrunedVision(nn.Module):
 
     def select(self, scored: torch.Tensor, cls_attn: torch.Tensor | None) -> torch.Tensor:
         """Kept indices (B, K) int64 from the scored features (B, N, d)."""
-        const = self.const if self.const.numel() else None
-        scores = token_scores(scored, self.prune, cls_attn, const)  # (B, N)
-        return select_topk(scores, self.prune.k, self.priority)
+        return select_topk(self._scores(scored, cls_attn), self.prune.k, self.priority)
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scores(self, scored: torch.Tensor, cls_attn: torch.Tensor | None) -> torch.Tensor:
+        const = self.const if self.const.numel() else None
+        return token_scores(scored, self.prune, cls_attn, const)  # (B, N)
+
+    def _scored(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(features (B, N, d_v), what is scored (B, N, d), cls_attn or None)."""
         # NaN/Inf or absurd pixels never come from an image processor (normalised pixels lie
         # within a few units of 0) but would overflow LayerNorm differently in PyTorch and ORT:
         # pin them (non-finite -> 0, clip to +-PIXEL_LIMIT) so every output stays finite.
         pixel_values = torch.where(torch.isfinite(pixel_values), pixel_values, 0.0)
         pixel_values = pixel_values.clamp(-PIXEL_LIMIT, PIXEL_LIMIT)
         feats, cls_attn = self.features(pixel_values)  # (B, N, d_v)
+        projected = self.prune.scored_features == "projected"
+        return feats, self.projector(feats) if projected else feats, cls_attn
+
+    @torch.no_grad()
+    def scores(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The selection scores (B, N) that the graph ranks: the reference for agreement and
+        leverage-mass figures (runtime.parity)."""
+        _, scored, cls_attn = self._scored(pixel_values)
+        return self._scores(scored, cls_attn)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, scored, cls_attn = self._scored(pixel_values)
+        idx = self.select(scored, cls_attn)  # (B, K)
         if self.prune.scored_features == "projected":
-            projected = self.projector(feats)  # (B, N, D)
-            idx = self.select(projected, cls_attn)
-            gather = idx.unsqueeze(-1).expand(-1, -1, projected.shape[-1])
-            return projected.gather(1, gather), idx  # (B, K, D)
-        idx = self.select(feats, cls_attn)
+            gather = idx.unsqueeze(-1).expand(-1, -1, scored.shape[-1])
+            return scored.gather(1, gather), idx  # (B, K, D)
         kept = feats.gather(1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))  # (B, K, d_v)
         return self.projector(kept), idx  # (B, K, D)
 

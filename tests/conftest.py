@@ -48,9 +48,38 @@ def tiny_siglip(models_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def realistic_clip(models_root: Path) -> Path:
+    """tiny CLIP+Llama with real-checkpoint statistics (svdprune_onnx/realistic.py)."""
+    from svdprune_onnx.tiny import ensure_tiny_llava
+
+    return ensure_tiny_llava(models_root, tower="clip", text="llama", preset="realistic")
+
+
+@pytest.fixture(scope="session")
+def realistic_siglip(models_root: Path) -> Path:
+    from svdprune_onnx.tiny import ensure_tiny_llava
+
+    return ensure_tiny_llava(models_root, tower="siglip", text="qwen2", preset="realistic")
+
+
+@pytest.fixture(scope="session")
 def clip_pixels(tiny_clip: Path, photo_paths: list[Path]) -> np.ndarray:
     """(3, 3, 336, 336) float32: the real photos through the tiny CLIP checkpoint's processor."""
     from export.load import load_image_processor
     from export.photos import validation_batches
 
     return validation_batches(load_image_processor(tiny_clip), photo_paths)[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests (tests/test_gpu.py; select them with `pytest -m gpu`) need CUDA: where
+    runtime.session says its libraries cannot load, they are skipped with that reason."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    from runtime.session import CUDA, unusable_reason
+
+    reason = unusable_reason(CUDA)
+    if reason is not None:
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason=f"needs a usable NVIDIA GPU: {reason}"))

@@ -3,7 +3,8 @@
 Complements tests/test_export_cli.py (K = 0 / K > N, bad --rank text, rank > N, a missing or
 non-LLaVA -m, bad -i images, a failed re-export, an interrupted first export) with: partial
 checkpoints, rank > K, unknown method, an output path that is not a bundle, a busy output
-(another export holds its lock), a full disk and an interrupted re-export.
+(another export holds its lock), a full disk, an interrupted re-export, and image processors
+(classes, options, values) the runtime does not reproduce bit for bit.
 """
 
 from __future__ import annotations
@@ -220,3 +221,96 @@ def test_real_ctrl_c_mid_export(tiny_clip, old_bundle) -> None:
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted")
     assert snapshot(old_bundle) == before and leftovers(old_bundle.parent) == []
+
+
+# --- image processors the runtime does not reproduce (export/processor.py) ----------------------
+
+CLIP15 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
+SQUARE = {"size": {"height": 336, "width": 336}}
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "message"),
+    [
+        ("ViTImageProcessor", {}, "image processor ViTImageProcessor is not modelled"),
+        ("CLIPImageProcessor", {**CLIP15, "do_pad": True}, "CLIPImageProcessor does not pad"),
+        ("SiglipImageProcessor", {**SQUARE, "do_pad": True}, "SiglipImageProcessor does not pad"),
+        ("SiglipImageProcessor", {**SQUARE, "do_center_crop": True}, "has no center crop"),
+        ("SiglipImageProcessor", {**SQUARE, "crop_size": 336}, "has no center crop"),
+        ("SiglipImageProcessor", {"size": 336}, "size=336 on SiglipImageProcessor is not a"),
+        ("CLIPImageProcessor", {**CLIP15, "size": {"longest_edge": 336}}, "not a modelled form"),
+        ("CLIPImageProcessor", {**CLIP15, "crop_size": {"shortest_edge": 336}}, "crop_size="),
+        ("CLIPImageProcessor", {**CLIP15, "resample": 7}, "resample=7 on CLIPImageProcessor"),
+        ("CLIPImageProcessor", {**CLIP15, "resample": None}, "resample=None"),
+        ("CLIPImageProcessor", {**CLIP15, "image_grid_pinpoints": [[336, 672]]}, "anyres"),
+        ("LlavaImageProcessor", {**CLIP15, "do_reduce_labels": True}, "do_reduce_labels=True"),
+        ("CLIPImageProcessor", {**CLIP15, "do_resize": "false"}, "not true, false or null"),
+        ("CLIPImageProcessor", {**CLIP15, "do_center_crop": False}, "its own size"),
+        ("CLIPImageProcessor", {**CLIP15, "do_resize": False, "do_center_crop": False}, "own size"),
+        ("CLIPImageProcessor", {**CLIP15, "image_mean": [0.5] * 4}, "not one number or 3"),
+        ("CLIPImageProcessor", {**CLIP15, "image_std": [0.5, 0, 0.5]}, "divides by zero"),
+        ("CLIPImageProcessor", {**CLIP15, "rescale_factor": float("nan")}, "not a finite number"),
+        ("LlavaImageProcessor", {**CLIP15, "do_pad": True, "image_mean": 0.5}, "3-colour fill"),
+        ("CLIPImageProcessor", {"size": 224, "crop_size": 224}, "not the vision tower's 336x336"),
+    ],
+)
+def test_unmodelled_processor_is_refused(cls: str, options: dict, message: str) -> None:
+    import transformers
+
+    from export.processor import ImageProcessorError, preprocessing_facts
+
+    with pytest.raises(ImageProcessorError) as info:
+        preprocessing_facts(getattr(transformers, cls)(**options), [336, 336])
+    text = str(info.value)
+    assert message in text and text.startswith(C.HF_PREPROCESSOR_CONFIG) and "\n" not in text
+
+
+def test_unset_unknown_options_are_ignored() -> None:
+    from transformers import CLIPImageProcessor
+
+    from export.processor import preprocessing_facts
+
+    proc = CLIPImageProcessor(**CLIP15, do_reduce_labels=False, image_grid_pinpoints=None)
+    assert preprocessing_facts(proc, [336, 336])[C.V_IMAGE_SIZE] == [336, 336]
+
+
+def _with_processor(tiny_clip: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of the tiny checkpoint whose preprocessor_config.json has `changes`."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_clip, ckpt)
+    path = ckpt / C.HF_PREPROCESSOR_CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"image_processor_type": "ViTImageProcessor"}, "ViTImageProcessor is not modelled"),
+        ({"do_pad": True}, "do_pad=True but CLIPImageProcessor does not pad"),
+        (
+            {"image_processor_type": "LlavaImageProcessor", "image_grid_pinpoints": [[336, 672]]},
+            "image_grid_pinpoints=[[336, 672]] asks for LLaVA-NeXT anyres",
+        ),
+    ],
+)
+def test_checkpoint_with_unmodelled_processor(tiny_clip, tmp_path, capsys, changes, message):
+    ckpt = _with_processor(tiny_clip, tmp_path, **changes)
+    out = tmp_path / "out"
+    assert cli(["-m", str(ckpt), "--k", "16", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {C.HF_PREPROCESSOR_CONFIG}: ") and "\n" not in err, err
+    assert message in err, err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_runtime_pixels_that_differ_never_export(tiny_clip, tmp_path, capsys, monkeypatch):
+    import runtime.preprocess
+
+    real = runtime.preprocess.preprocess
+    monkeypatch.setattr(runtime.preprocess, "preprocess", lambda im, v: real(im, v) + 1e-6)
+    out = tmp_path / "out"
+    assert cli(["-m", str(tiny_clip), "--k", "16", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "runtime preprocessing differs from the checkpoint's CLIPImageProcessor" in err, err
+    assert "\n" not in err and not out.exists() and leftovers(tmp_path) == []

@@ -84,9 +84,11 @@ def test_every_dtype_exports_and_runs(variant, photo_paths, capsys, dtype: str) 
     assert not list(bundle.glob(".fp32*")) and not list(bundle.rglob("*.inferred.onnx"))
     quality = m[C.KEY_VALIDATION][dtype][C.DECODER_ONNX]
     assert quality["logits_rel_err"] <= D.TOLERANCES[dtype].logits_rel and quality["finite"]
-    # end to end through the runtime CLI, flags unchanged
+    # end to end through the runtime CLI, flags unchanged but the provider, pinned to the CPU
+    # that runs every variant (on a GPU, `auto` would build a TensorRT engine per variant; the
+    # GPU variants are tests/test_gpu.py's)
     capsys.readouterr()  # drop the export's console output
-    argv = ["-m", bundle, "-i", photo_paths[0], "-p", "What is in the image?"]
+    argv = ["-m", bundle, "-i", photo_paths[0], "-p", "What is in the image?", "--provider", "cpu"]
     assert run_cli([*map(str, argv), "--max-new-tokens", "4", "--json"]) == 0
     (out,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
     assert len(out["kept_indices"]) == 16 and 1 <= len(out["token_ids"]) <= 4
@@ -154,6 +156,7 @@ def test_static_batch_vision_graph(variant, photo_paths, capsys) -> None:
     with pytest.raises(ImageError, match="static batch of 1"):
         pipe.generate(np.zeros((2, 3, 336, 336), np.float32), [[1, 2]] * 2, Sampling(2))
     argv = ["-m", bundle, "-i", photo_paths[0], "-i", photo_paths[1], "-p", "What?"]
+    argv += ["--provider", "cpu"]  # the refusal is the runtime's, before any provider matters
     assert run_cli(list(map(str, argv))) == 2
     assert "re-export without --batch" in capsys.readouterr().err
 

@@ -123,16 +123,30 @@ def torch_reference(ckpt: Path, bundle: Path, pixels: np.ndarray, mode: str) -> 
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_clip: Path, tiny_siglip: Path, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+def bundles(
+    tiny_clip: Path,
+    tiny_siglip: Path,
+    realistic_clip: Path,
+    realistic_siglip: Path,
+    tmp_path_factory,
+) -> dict[str, tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("e2e")
     out = {}
-    for name, ckpt in (("clip-llama", tiny_clip), ("siglip-qwen2", tiny_siglip)):
+    for name, ckpt in (
+        ("clip-llama", tiny_clip),
+        ("siglip-qwen2", tiny_siglip),
+        # outlier tokens in the tower, massive activations at BOS in the decoder
+        ("realistic-clip-llama", realistic_clip),
+        ("realistic-siglip-qwen2", realistic_siglip),
+    ):
         assert cli(["-m", str(ckpt), "--k", str(K), "-o", str(root / name)]) == 0
         out[name] = (ckpt, root / name)
     return out
 
 
-@pytest.mark.parametrize("name", ["clip-llama", "siglip-qwen2"])
+@pytest.mark.parametrize(
+    "name", ["clip-llama", "siglip-qwen2", "realistic-clip-llama", "realistic-siglip-qwen2"]
+)
 def test_same_greedy_tokens_as_transformers(bundles, photo_paths, name: str) -> None:
     ckpt, bundle = bundles[name]
     pixels = validation_batches(load_image_processor(ckpt), photo_paths)[1]

@@ -14,6 +14,7 @@ import export.vision
 from export.__main__ import cli
 from runtime import contract as C
 from runtime.bundle import BundleError, load_manifest
+from runtime.parity import DECODER_RTOL, FEATURE_RTOL
 
 from .conftest import REPO
 
@@ -45,11 +46,12 @@ def test_bundle_layout_and_manifest(bundle: Path) -> None:
     pr = m[C.KEY_PROMPT]
     assert pr[C.PR_TEMPLATE].count(pr[C.PR_IMAGE]) == 1 and pr[C.PR_MARKER] in pr[C.PR_TEMPLATE]
     assert m[C.KEY_PRUNING][C.P_POSITIONS] == C.POSITIONS_COMPACT
-    assert m[C.KEY_VALIDATION]["decoder_max_abs_diff"] <= 1e-4
+    assert m[C.KEY_VALIDATION][C.VAL_DECODER_REL] <= DECODER_RTOL
     assert m[C.KEY_VALIDATION]["embed_tokens_max_abs_diff"] == 0.0
     assert m[C.KEY_EXPORTER]["decoder_exporter"] == "optimum"
     assert m[C.KEY_VALIDATION]["kept_indices_equal"] is True
-    assert m[C.KEY_VALIDATION]["image_features_max_abs_diff"] <= export.vision.FEATURE_ATOL
+    assert m[C.KEY_VALIDATION][C.VAL_SELECTION]["agreement_min"] == 1.0
+    assert m[C.KEY_VALIDATION][C.VAL_FEATURES_REL] <= FEATURE_RTOL
     assert m[C.KEY_EXPORTER]["packages"]["torch"].startswith("2.13.0")
     assert not list(bundle.parent.glob(".*tmp-*")), "temp folders must not survive an export"
 

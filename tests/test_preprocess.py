@@ -27,7 +27,7 @@ from runtime.preprocess import (
 
 from .conftest import REPO, SHARED
 
-TOL = 1e-5
+TOL = 0.0  # bit-exact: same ops, same dtypes, same order as transformers
 # Portrait, greyscale (mode L), very wide (640x218) and small (333x500) COCO photos.
 COCO = ["000000000009", "000000000072", "000000000086", "000000000357", "000000000474"]
 
@@ -233,3 +233,229 @@ def test_import_pulls_no_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"runtime.preprocess imported {proc.stdout.strip()}"
+
+
+# --- every modelled processor option (export/processor.py) vs the real HF processor -----------
+
+OPENAI = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954] * 3}
+CLIP15 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}, **OPENAI}
+SQUARE = {"size": {"height": 336, "width": 336}}
+# name -> (processor class, options): each one flag (or value) away from a released config.
+VARIANTS = {
+    "clip-llava15": ("CLIPImageProcessor", CLIP15),
+    "clip-no-center-crop": ("CLIPImageProcessor", {**CLIP15, **SQUARE, "do_center_crop": False}),
+    "clip-no-resize": ("CLIPImageProcessor", {**CLIP15, "do_resize": False}),
+    "clip-no-rescale": ("CLIPImageProcessor", {**CLIP15, "do_rescale": False}),
+    "clip-no-normalize": ("CLIPImageProcessor", {**CLIP15, "do_normalize": False}),
+    "clip-neither": ("CLIPImageProcessor", {**CLIP15, "do_rescale": False, "do_normalize": False}),
+    "clip-no-convert-rgb": ("CLIPImageProcessor", {**CLIP15, "do_convert_rgb": False}),
+    "clip-resize-384-crop-336": ("CLIPImageProcessor", {**CLIP15, "size": [384, 384]}),
+    "clip-size-int": ("CLIPImageProcessor", {**CLIP15, "size": 336, "crop_size": 336}),
+    "clip-nearest": ("CLIPImageProcessor", {**CLIP15, "resample": 0}),
+    "clip-lanczos": ("CLIPImageProcessor", {**CLIP15, "resample": 1}),
+    "clip-bilinear": ("CLIPImageProcessor", {**CLIP15, "resample": 2}),
+    "clip-box": ("CLIPImageProcessor", {**CLIP15, "resample": 4}),
+    "clip-hamming": ("CLIPImageProcessor", {**CLIP15, "resample": 5}),
+    "clip-rescale-half": ("CLIPImageProcessor", {**CLIP15, "rescale_factor": 0.5}),
+    "llava-pad": ("LlavaImageProcessor", {**CLIP15, "do_pad": True}),
+    "llava-no-pad": ("LlavaImageProcessor", CLIP15),
+    "llava-pad-no-crop": (
+        "LlavaImageProcessor",
+        {**CLIP15, "do_pad": True, "do_center_crop": False},
+    ),
+    "llava-pad-no-normalize": (
+        "LlavaImageProcessor",
+        {**CLIP15, "do_pad": True, "do_normalize": False},
+    ),
+    "llava-pad-square-resize": ("LlavaImageProcessor", {**CLIP15, **SQUARE, "do_pad": True}),
+    "siglip": ("SiglipImageProcessor", {**SQUARE, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}),
+    "siglip-convert-rgb": ("SiglipImageProcessor", {**SQUARE, "do_convert_rgb": True}),
+    "siglip-scalar-mean": ("SiglipImageProcessor", {**SQUARE, "image_mean": 0.5, "image_std": 0.5}),
+    "siglip-no-rescale": ("SiglipImageProcessor", {**SQUARE, "do_rescale": False}),
+    "siglip-bilinear-no-normalize": (
+        "SiglipImageProcessor",
+        {**SQUARE, "resample": 2, "do_normalize": False},
+    ),
+}
+
+
+def _processor(name: str, options: dict):
+    import transformers
+
+    return getattr(transformers, name)(**options)
+
+
+def _probe_images(photo_paths: list[Path]) -> list[Image.Image]:
+    """Real photos as stored (landscape, portrait, very wide, small, greyscale L) plus a greyscale
+    and an RGBA (alpha from its grey) built from a real photo."""
+    images = []
+    for path in _photos(photo_paths):
+        with Image.open(path) as im:
+            im.load()
+            images.append(im.copy())
+    portrait = images[0].transpose(Image.Transpose.TRANSPOSE)
+    rgba = portrait.convert("RGBA")
+    rgba.putalpha(portrait.convert("L"))
+    return [*images, portrait.convert("L"), rgba]
+
+
+@pytest.fixture(scope="module")
+def probe_images(photo_paths: list[Path]) -> list[Image.Image]:
+    images = _probe_images(photo_paths)
+    assert {im.mode for im in images} == {"RGB", "L", "RGBA"}
+    assert {im.width > im.height for im in images} == {True, False}  # both orientations
+    return images
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_option_matches_transformers(variant: str, probe_images) -> None:
+    from export.processor import preprocessing_facts
+
+    cls, options = VARIANTS[variant]
+    proc = _processor(cls, options)
+    vision = json.loads(json.dumps(preprocessing_facts(proc, [336, 336])))  # as shipped
+    assert vision[C.V_PROCESSOR] == cls and vision[C.V_IMAGE_SIZE] == [336, 336]
+    for image in probe_images:
+        # do_convert_rgb false: transformers raises on non-RGB input, the runtime converts it.
+        given = image if vision[C.V_CONVERT_RGB] else image.convert("RGB")
+        ref = np.asarray(_reference(proc, [given])[0], dtype=np.float32)
+        ours = preprocess(image, vision)
+        assert ours.shape == ref.shape == (3, 336, 336) and ours.dtype == np.float32
+        assert np.abs(ours - ref).max() == 0.0, (variant, image.size, image.mode)
+
+
+def test_manifest_records_each_flag() -> None:
+    from export.processor import preprocessing_facts
+
+    def facts(name: str) -> dict:
+        return preprocessing_facts(_processor(*VARIANTS[name]), [336, 336])
+
+    plain = facts("clip-llava15")
+    assert plain[C.V_PAD] == C.PAD_NONE and plain[C.V_PAD_COLOR] is None
+    assert plain[C.V_RESIZE] == 336 and plain[C.V_RESIZE_SIZE] is None
+    assert plain[C.V_CROP] == C.CROP_CENTER and plain[C.V_DO_RESIZE] is True
+    assert plain[C.V_RESCALE] == 1 / 255 and plain[C.V_IMAGE_MEAN] == OPENAI["image_mean"]
+    # LLaVA-1.5's expand2square fill: tuple(int(x * 255) for x in image_mean).
+    assert facts("llava-pad")[C.V_PAD_COLOR] == [122, 116, 104]
+    assert facts("llava-pad")[C.V_PAD] == C.PAD_SQUARE
+    assert facts("clip-no-center-crop")[C.V_RESIZE_SIZE] == [336, 336]
+    assert facts("clip-resize-384-crop-336")[C.V_RESIZE_SIZE] == [384, 384]
+    assert facts("clip-no-resize")[C.V_DO_RESIZE] is False
+    off = facts("clip-neither")  # effective values: exact no-ops on the pixels
+    assert off[C.V_RESCALE] == 1.0 and not off[C.V_DO_RESCALE]
+    assert off[C.V_IMAGE_MEAN] == [0.0] * 3 and off[C.V_IMAGE_STD] == [1.0] * 3
+    assert facts("siglip")[C.V_CONVERT_RGB] is False  # do_convert_rgb null
+    assert facts("siglip-scalar-mean")[C.V_IMAGE_MEAN] == [0.5] * 3
+
+
+def _expand2square(pil_img: Image.Image, background_color: tuple) -> Image.Image:
+    # LLaVA-1.5's original (llava/mm_utils.py), verbatim.
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    elif width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    else:
+        result = Image.new(pil_img.mode, (height, height), background_color)
+        result.paste(pil_img, ((height - width) // 2, 0))
+        return result
+
+
+def test_pad_is_llava15_expand2square(probe_images) -> None:
+    # The original recipe: expand2square with the mean colour, then CLIPImageProcessor.
+    from export.processor import preprocessing_facts
+
+    clip = _processor(*VARIANTS["clip-llava15"])
+    vision = preprocessing_facts(_processor(*VARIANTS["llava-pad"]), [336, 336])
+    fill = tuple(int(x * 255) for x in clip.image_mean)
+    for image in probe_images:
+        rgb = image.convert("RGB")
+        ref = _reference(clip, [_expand2square(rgb, fill)])[0]
+        assert np.abs(preprocess(image, vision) - ref).max() == 0.0, image.size
+
+
+def test_pad_to_square_follows_transformers() -> None:
+    from transformers import LlavaImageProcessor
+
+    from runtime.preprocess import pad_to_square
+
+    rng = np.random.default_rng(0)
+    hf = LlavaImageProcessor()
+    for h, w in [(3, 8), (8, 3), (4, 7), (7, 4), (5, 5), (1, 6), (218, 640)]:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ref = hf.pad_to_square(pixels, (122, 116, 104), input_data_format="channels_last")
+        ours = pad_to_square(pixels, (122, 116, 104))
+        assert ours.dtype == np.uint8 and np.array_equal(ours, ref), (h, w)
+
+
+def test_older_manifests_keep_their_meaning(tower, photo_paths: list[Path]) -> None:
+    # A bundle written before the preprocessing keys existed computes the same pixels.
+    _, _, vision = tower
+    new = {
+        C.V_PROCESSOR, C.V_CONVERT_RGB, C.V_PAD, C.V_PAD_COLOR, C.V_DO_RESIZE, C.V_RESIZE_SIZE,
+        C.V_DO_RESCALE, C.V_DO_NORMALIZE,
+    }  # fmt: skip
+    old = {k: v for k, v in vision.items() if k not in new}
+    paths = _photos(photo_paths)
+    assert np.array_equal(preprocess_batch(paths, old), preprocess_batch(paths, vision))
+
+
+def test_runtime_refuses_what_it_cannot_compute(tower, photo_paths: list[Path]) -> None:
+    _, _, vision = tower
+    image = load_image(photo_paths[0])
+    for key, value in ((C.V_PAD, "reflect"), (C.V_CROP, "random")):
+        with pytest.raises(ValueError, match=f"{key} is '{value}'.*update runtime"):
+            preprocess(image, {**vision, key: value})
+    # Shortest edge without a crop (an older exporter allowed it): each photo its own size.
+    loose = {**vision, C.V_RESIZE: 336, C.V_RESIZE_SIZE: None, C.V_CROP: C.CROP_NONE}
+    with pytest.raises(ImageError, match="not the 336x336 the vision graph takes"):
+        preprocess(image, loose)
+    # A padded square is bounded like the resize: a 20000x1 strip would pad to 400 megapixels.
+    padded = {**vision, C.V_PAD: C.PAD_SQUARE, C.V_PAD_COLOR: [0, 0, 0]}
+    with pytest.raises(ImageError, match="pads to 20000x20000"):
+        preprocess(Image.new("RGB", (20000, 1)), padded)
+
+
+def test_export_check_catches_other_pixels(photo_paths: list[Path]) -> None:
+    from export.processor import check_runtime_pixels, preprocessing_facts
+    from export.vision import ExportValidationError
+
+    proc = _processor(*VARIANTS["llava-pad"])
+    vision = preprocessing_facts(proc, [336, 336])
+    report = check_runtime_pixels(proc, vision, photo_paths)
+    assert report == {C.VAL_PREPROCESS: 0.0, C.VAL_PREPROCESS_IMAGES: 4 * len(photo_paths)}
+    for key, value in ((C.V_PAD, C.PAD_NONE), (C.V_PAD_COLOR, [0, 0, 0]), (C.V_RESAMPLE, 2)):
+        with pytest.raises(ExportValidationError, match="differs from the checkpoint's Llava"):
+            check_runtime_pixels(proc, {**vision, key: value}, photo_paths[:1])
+
+
+def test_llava_pad_checkpoint_exports(tiny_clip: Path, photo_paths: list[Path], tmp_path: Path):
+    """A checkpoint with LLaVA-1.5's original preprocessing (LlavaImageProcessor, do_pad)
+    exports, and the bundle's runtime pixels equal the checkpoint's processor."""
+    import shutil
+
+    from transformers import AutoImageProcessor
+
+    from export.__main__ import cli
+
+    ckpt = tmp_path / "llava-pad"
+    shutil.copytree(tiny_clip, ckpt)
+    cfg_path = ckpt / C.HF_PREPROCESSOR_CONFIG
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(image_processor_type="LlavaImageProcessor", do_pad=True)
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "bundle"
+    assert cli(["-m", str(ckpt), "--k", "16", "-o", str(out)]) == 0
+    manifest = json.loads((out / C.MANIFEST_FILE).read_text())
+    vision = manifest[C.KEY_VISION]
+    assert vision[C.V_PROCESSOR] == "LlavaImageProcessor" and vision[C.V_PAD] == C.PAD_SQUARE
+    assert vision[C.V_PAD_COLOR] == [122, 116, 104]
+    assert manifest[C.KEY_VALIDATION][C.VAL_PREPROCESS] == 0.0
+    assert manifest[C.KEY_VALIDATION][C.VAL_PREPROCESS_IMAGES] == 4 * len(photo_paths)
+    proc = AutoImageProcessor.from_pretrained(out, use_fast=False, local_files_only=True)
+    assert type(proc).__name__ == "LlavaImageProcessor" and proc.do_pad
+    images = [load_image(p) for p in _photos(photo_paths)]
+    ours = preprocess_batch(images, vision)
+    assert np.abs(ours - _reference(proc, images)).max() == 0.0

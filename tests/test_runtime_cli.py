@@ -1,4 +1,9 @@
-"""The on-device CLI: token-for-token equal to transformers, JSON, streaming, chat, bad input."""
+"""The on-device CLI: token-for-token equal to transformers, JSON, streaming, chat, bad input.
+
+Every run pins `--provider cpu` (CPU): the references are CPU torch/transformers and exact
+numbers, and on a GPU machine `auto` would pick CUDA/TensorRT (TF32 kernels, engine builds).
+The GPU paths are tests/test_gpu.py's (`pytest -m gpu`); the `auto` fallback is tested here
+with the availability check monkeypatched, so it holds on both kinds of machine."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from .conftest import REPO
 
 PROMPTS = ["What is in the image?", "Describe the colors you see."]
 NEW = 6
+CPU = ["--provider", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,7 @@ def bundles(tiny_clip: Path, tiny_siglip: Path, tmp_path_factory) -> dict[str, t
 
 
 def run_json(capsys, *argv: str) -> list[dict]:
-    assert cli([*map(str, argv), "--json"]) == 0, capsys.readouterr().err
+    assert cli([*map(str, argv), *CPU, "--json"]) == 0, capsys.readouterr().err
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
 
 
@@ -124,7 +130,7 @@ def test_jsonl_batch_with_different_prompts(bundles, photo_paths, tmp_path, caps
     ]
     assert [o["token_ids"] for o in outs] == [s[0]["token_ids"] for s in singles]
     batch.write_text('{"image": "x.jpg"}\n')
-    assert cli(["-m", str(bundle), "--jsonl", str(batch)]) == 2
+    assert cli(["-m", str(bundle), "--jsonl", str(batch), *CPU]) == 2
     assert "batch.jsonl:1" in capsys.readouterr().err
 
 
@@ -142,6 +148,7 @@ def test_streaming_and_timings(bundles, photo_paths, capsys) -> None:
     _, bundle = bundles["clip-llama"]
     base = ["-m", str(bundle), "-i", str(photo_paths[0]), "-p", PROMPTS[0], "--max-new-tokens", "6"]
     (ref,) = run_json(capsys, *base)
+    base += CPU
     assert cli([*base, "--timings"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == ref["text"].strip()
@@ -151,7 +158,7 @@ def test_streaming_and_timings(bundles, photo_paths, capsys) -> None:
 def test_chat_over_stdin(bundles, photo_paths, capsys, monkeypatch) -> None:
     _, bundle = bundles["clip-llama"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is this?\nAnd the colors?\n/exit\n"))
-    assert cli(["-m", str(bundle), "-i", str(photo_paths[0]), "--max-new-tokens", "4"]) == 0
+    assert cli(["-m", str(bundle), "-i", str(photo_paths[0]), "--max-new-tokens", "4", *CPU]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 
@@ -181,7 +188,7 @@ def _corrupt(tmp: Path, bundle: Path, what: str) -> Path:
 )
 def test_bad_input(bundles, photo_paths, tmp_path, capsys, case: str, message: str) -> None:
     _, bundle = bundles["clip-llama"]
-    image, extra = photo_paths[0], []
+    image, extra = photo_paths[0], CPU
     if case == "missing-bundle":
         bundle = tmp_path
     elif case in ("checksum", "schema"):
@@ -195,7 +202,7 @@ def test_bad_input(bundles, photo_paths, tmp_path, capsys, case: str, message: s
         image = tmp_path / "notes.jpg"
         image.write_text("this is not a picture")
     elif case == "overflow":
-        extra = ["--max-new-tokens", "5000"]
+        extra = [*CPU, "--max-new-tokens", "5000"]
     elif case == "cuda":
         from runtime.session import CUDA, unusable_reason
 
@@ -212,9 +219,64 @@ def test_runtime_runs_without_torch(bundles, photo_paths) -> None:
     code = (
         "import sys; from runtime.run import cli\n"
         f"rc = cli(['-m', {str(bundle)!r}, '-i', {str(photo_paths[0])!r}, '-p', 'hi',"
-        " '--max-new-tokens', '2', '--json'])\n"
+        " '--max-new-tokens', '2', '--provider', 'cpu', '--json'])\n"
         "bad = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]\n"
         "print('BAD', bad, rc)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert "BAD [] 0" in proc.stdout, proc.stdout + proc.stderr
+
+
+# --- `auto` falls back to CPU, loudly: simulated, so these hold with or without a GPU -------------
+def _notes(err: str) -> list[str]:
+    """The provider notes (the self-test may add notes of its own)."""
+    return [ln for ln in err.splitlines() if ln.startswith("note: ") and "ExecutionProvider" in ln]
+
+
+def test_auto_falls_back_when_gpu_libraries_cannot_load(bundles, photo_paths, capsys, monkeypatch):
+    """A GPU provider whose library cannot load: `auto` notes it once per provider and answers
+    on CPU (the --provider cpu tokens); an explicit --provider cuda is one error line instead."""
+    from runtime import session as S
+
+    _, bundle = bundles["clip-llama"]
+    monkeypatch.setattr(S, "unusable_reason", lambda provider: f"{provider} cannot load (test)")
+    monkeypatch.setattr(S, "_NOTED", set())  # notes print once per process
+    argv = ["-m", str(bundle), "-i", str(photo_paths[0]), "-p", PROMPTS[0], "--max-new-tokens", "4"]
+    (ref,) = run_json(capsys, *argv)
+    assert cli([*argv, "--provider", "auto", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert sorted(_notes(captured.err)) == [
+        f"note: {p} cannot load (test); using the next provider" for p in (S.CUDA, S.TRT)
+    ]
+    assert json.loads(captured.out)["token_ids"] == ref["token_ids"]
+    assert cli([*argv, "--provider", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {S.CUDA} cannot load (test); pass --provider cpu or --provider auto"
+
+
+def test_auto_falls_back_when_no_gpu_starts(bundles, photo_paths, capsys, monkeypatch) -> None:
+    """onnxruntime-gpu's libraries load but the session ends up on CPU (no device, no driver):
+    `auto` says so once per provider; --provider cuda / tensorrt refuse. Sessions are forced onto
+    the CPU here, so this holds on a GPU machine too."""
+    from runtime import session as S
+
+    _, bundle = bundles["clip-llama"]
+    real = S.ort.InferenceSession
+
+    def cpu_only(path, sess_options=None, providers=None, **kw):
+        return real(path, sess_options=sess_options, providers=[S.CPU], **kw)
+
+    monkeypatch.setattr(S, "unusable_reason", lambda provider: None)
+    monkeypatch.setattr(S.ort, "InferenceSession", cpu_only)
+    monkeypatch.setattr(S, "_NOTED", set())
+    argv = ["-m", str(bundle), "-i", str(photo_paths[0]), "-p", PROMPTS[0], "--max-new-tokens", "4"]
+    (ref,) = run_json(capsys, *argv)
+    assert cli([*argv, "--provider", "auto", "--json"]) == 0
+    captured = capsys.readouterr()
+    tail = "could not start (no usable GPU, driver, CUDA or cuDNN); running on CPU"
+    assert sorted(_notes(captured.err)) == [f"note: {p} {tail}" for p in (S.CUDA, S.TRT)]
+    assert json.loads(captured.out)["token_ids"] == ref["token_ids"]
+    for provider, first in (("cuda", S.CUDA), ("tensorrt", S.TRT)):  # vision opens first
+        assert cli([*argv, "--provider", provider]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: {first} could not start"), err
