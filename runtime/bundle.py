@@ -50,9 +50,10 @@ def load_manifest(bundle: Path, verify: bool = True) -> dict:
     if not isinstance(manifest, dict):
         raise BundleError(f"{path} is not a JSON object; re-run `make export`")
     version = manifest.get(C.KEY_SCHEMA)
-    if version != C.SCHEMA_VERSION:
+    if version not in C.READ_SCHEMAS:
         raise BundleError(
-            f"{path} has schema_version {version!r}, this runtime reads {C.SCHEMA_VERSION}; "
+            f"{path} has schema_version {version!r}, this runtime reads "
+            f"{', '.join(map(str, C.READ_SCHEMAS))}; "
             "re-export the bundle with this version of svdprune-onnx"
         )
     files = manifest.get(C.KEY_FILES)

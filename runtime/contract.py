@@ -6,7 +6,12 @@ Axis names follow what optimum writes and transformers.js reads (unknown names r
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+# 2: preprocessing flags (pad to square, no resize, exact resize size), scale-relative validation
+# figures and the device self-test. A runtime that predates a flag must refuse the bundle rather
+# than compute other pixels, so the exporter writes 2; this runtime still reads 1 (its vision
+# section means the same here: absent flags keep the version-1 rules).
+SCHEMA_VERSION = 2
+READ_SCHEMAS = (1, 2)
 
 # --- files (relative to the bundle root) -----------------------------------------------------
 MANIFEST_FILE = "svdprune.json"

@@ -115,6 +115,9 @@ def test_tampered_or_foreign_bundle_is_refused(bundle: Path, tmp_path: Path) -> 
     (bad / C.MANIFEST_FILE).write_text(json.dumps(manifest | {C.KEY_SCHEMA: 99}))
     with pytest.raises(BundleError, match="schema_version"):
         load_manifest(bad)
+    # version 1 (before the preprocessing flags) is still read: its vision section means the same
+    (bad / C.MANIFEST_FILE).write_text(json.dumps(manifest | {C.KEY_SCHEMA: 1}))
+    assert load_manifest(bad, verify=False)[C.KEY_SCHEMA] == 1
     with pytest.raises(BundleError, match="not a bundle"):
         load_manifest(tmp_path)
 
