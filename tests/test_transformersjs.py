@@ -1,24 +1,23 @@
-"""transformers.js (Node) runs our bundles unchanged: its greedy tokens equal the runtime's.
+"""transformers.js (Node) runs our bundles unchanged: its pixels, kept tokens and greedy tokens
+equal the runtime's.
 
     examples/node/package.json + lock ─► npm ci --ignore-scripts ─► build/node-cache/<hash>/ (once)
     tiny CLIP+Llama / SigLIP+Qwen2 x decoder exporter optimum / torch (+ a q4 variant) ─► bundle
     runtime.generate.Pipeline on the real photos ─► prompt ids, pixel_values, token_ids
     node greedy_ids.mjs (one process per bundle, all photos): LlavaForConditionalGeneration
       .from_pretrained + AutoProcessor from the folder ─► token ids          ══ equal
+    node agreement.mjs (CLIP, SigLIP; the 131 real photos): examples/node/preprocess.mjs pixels
+      ─► the vision graph transformers.js loaded ─► kept_indices          ══ equal, pixels max 0
 
-transformers.js resizes with sharp, not PIL, so its own pixel_values differ slightly from the
-checkpoint processor's; the token check therefore feeds it the runtime's pixel_values and the
-runtime's prompt ids, and checks separately that its processor builds the same ids (exactly K
-image tokens) and near pixels of the same shape.
+transformers.js's own image processor resizes with sharp (point-sampled, corner-aligned bicubic),
+not PIL, and keeps other tokens (docs/transformersjs.md); examples/node/preprocess.mjs replaces it
+with the runtime's preprocessing (PIL's resampling in JS), which answer.mjs and greedy_ids.mjs use.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,25 +26,24 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from bench import tjs_agreement as tjs
 from export.__main__ import cli as export_cli
 from runtime import contract as C
 from runtime.generate import Pipeline, Sampling
 from runtime.preprocess import load_image, preprocess
 from runtime.session import SessionConfig
 
-from .conftest import REPO
-
-NODE_DIR = REPO / "examples" / "node"
-NODE_FILES = ("package.json", "package-lock.json")
-SCRIPTS = ("greedy_ids.mjs", "answer.mjs")
 TJS_VERSION = "4.3.1"
 ORT_NODE_VERSION = "1.30.0"  # its CPU binaries are in the tarball
 QUESTION = "What is in the image?"
 NEW_TOKENS = 12
-# transformers.js (sharp) vs transformers (PIL) resampling, in normalised units; a misread
-# preprocessor config (no crop, wrong mean/std/size) is far above this.
-PIXEL_MEAN_ABS_DIFF = 0.15
 EXAMPLE_CASE = "clip-llama-optimum"  # answer.mjs runs on this bundle
+# One bundle per tower for the all-photo agreement (the vision graph does not depend on the
+# decoder exporter); 3 demo photos + 128 coco128 photos.
+AGREEMENT_CASES = ("clip-llama-optimum", "siglip-qwen2-optimum")
+ALL_PHOTOS = 131
+# Vision-section keys export/manifest.py writes without a runtime/contract.py constant.
+VISION_KEYS_OUTSIDE_CONTRACT = {"patch_size"}
 
 
 @dataclass(frozen=True)
@@ -72,49 +70,27 @@ CASES = [
 @pytest.fixture(scope="module")
 def node_dir() -> Path:
     """build/node-cache/<hash>/ with node_modules (npm ci --ignore-scripts) and our scripts."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.fail(
-            "node and npm are required for the transformers.js test (Node >= 18); install them, "
-            "e.g. `apt-get install nodejs npm` (CI has them)"
-        )
-    digest = hashlib.sha256(b"".join((NODE_DIR / f).read_bytes() for f in NODE_FILES))
-    cache = REPO / "build" / "node-cache" / digest.hexdigest()[:16]
+    try:
+        cache = tjs.node_cache()
+    except RuntimeError as e:  # node / npm missing or npm ci failed: fail, do not skip
+        pytest.fail(f"{e} (the transformers.js test needs them; CI has them)")
     pkg = cache / "node_modules" / "@huggingface" / "transformers" / "package.json"
-    if not pkg.is_file():
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in NODE_FILES:
-            shutil.copy2(NODE_DIR / f, tmp / f)
-        # --ignore-scripts: onnxruntime-node ships its CPU binaries in the tarball; its install
-        # script only downloads GPU ones.
-        proc = subprocess.run(
-            [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"],
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        if proc.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            pytest.fail(f"npm ci failed in {tmp}:\n{proc.stderr[-3000:]}")
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
     assert json.loads(pkg.read_text())["version"] == TJS_VERSION
     ort_pkg = cache / "node_modules" / "onnxruntime-node" / "package.json"
     assert json.loads(ort_pkg.read_text())["version"] == ORT_NODE_VERSION  # the lock's pin
-    for script in SCRIPTS:  # beside node_modules, so `import '@huggingface/transformers'` resolves
-        shutil.copy2(NODE_DIR / script, cache / script)
     return cache
 
 
 def run_node(node_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        ["node", *args], cwd=node_dir, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, f"node {' '.join(args)} failed:\n{proc.stderr[-4000:]}"
-    return proc
+    try:
+        return tjs.run_node(node_dir, *args)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+
+
+def node_module(node_dir: Path, source: str) -> str:
+    """stdout of an inline ES module run beside node_modules (imports './preprocess.mjs')."""
+    return run_node(node_dir, "--input-type=module", "-e", source).stdout
 
 
 # --- bundles -------------------------------------------------------------------------------
@@ -167,8 +143,9 @@ def python_processor_ids(bundle: Path, photo: Path) -> list[int]:
 def test_transformersjs_greedy_equals_runtime(
     case_bundle: tuple[Case, Path], photo_paths: list[Path], node_dir: Path, tmp_path: Path
 ) -> None:
-    """Same prompt ids and pixels in, same greedy tokens out, photo by photo; same prompt ids
-    from transformers.js's (and transformers') processor reading the bundle's own files."""
+    """Same prompt ids and pixels in, same greedy tokens out, photo by photo; and end to end as a
+    user runs it (AutoProcessor from the bundle's own files + preprocess.mjs, as answer.mjs): the
+    same prompt ids, bit-identical pixels and the same greedy tokens."""
     case, bundle = case_bundle
     pipe = Pipeline(bundle, SessionConfig(provider="cpu"))
     ids = pipe.prompt_ids(QUESTION)
@@ -202,14 +179,167 @@ def test_transformersjs_greedy_equals_runtime(
         assert theirs["tokens"] == mine, f"{case.name} {photo.name}: transformers.js differs"
         assert theirs["js_input_ids"] == ids, f"{photo.name}: processor ids differ"
         assert theirs["js_pixel_shape"] == items[0]["pixel_shape"]
-        assert theirs["pixel_mean_abs_diff"] < PIXEL_MEAN_ABS_DIFF, theirs
+        assert theirs["pixel_max_abs_diff"] == 0.0, f"{photo.name}: {theirs}"
+        assert theirs["js_tokens"] == mine, f"{case.name} {photo.name}: user path differs"
 
     if case.name != EXAMPLE_CASE:
         return
-    # The example script answers from the folder with transformers.js's own preprocessing.
+    # The example script answers from the folder (its processor + preprocess.mjs).
     proc = run_node(node_dir, "answer.mjs", str(bundle), str(photo_paths[0]), QUESTION, "4")
     count = re.search(r"\((\d+) tokens in \d+ ms\)", proc.stderr)
     assert count and 1 <= int(count.group(1)) <= 4, proc.stderr
+
+
+def test_transformersjs_kept_tokens_equal_runtime_on_all_photos(
+    case_bundle: tuple[Case, Path], node_dir: Path
+) -> None:
+    """preprocess.mjs pixels through the vision graph transformers.js loaded: the runtime's pixels
+    (max |diff| 0) and kept_indices on every real photo (bench/tjs_agreement.py also measures
+    transformers.js's own processor and each cause)."""
+    case, bundle = case_bundle
+    if case.name not in AGREEMENT_CASES:
+        pytest.skip(f"all-photo agreement runs on {', '.join(AGREEMENT_CASES)}")
+    paths = tjs.photos("all")
+    if len(paths) != ALL_PHOTOS:
+        pytest.fail(f"expected {ALL_PHOTOS} photos under {tjs.SHARED}, found {len(paths)}")
+    s = tjs.compare(bundle, paths, node_dir, processor=False)["bundle"]
+    assert s["pixel_max_abs_diff"] == 0.0 and s["photos_exact"] == len(paths), s
+    assert s["overlap_min"] == 1.0 and s["photos_same_tokens"] == len(paths), s
+
+
+def test_js_vision_keys_follow_the_contract(node_dir: Path) -> None:
+    """preprocess.mjs knows exactly the manifest's vision keys and refuses, naming it, any key or
+    value it does not model."""
+    out = node_module(
+        node_dir,
+        """
+import { VISION_KEYS, checkVision } from './preprocess.mjs';
+const base = { image_size: [8, 8], resample: 3, rescale_factor: 1 / 255,
+               image_mean: [0, 0, 0], image_std: [1, 1, 1] };
+const refused = [{ new_key: 1 }, { crop: 'random' }, { pad: 'reflect' }, { resample: 6 },
+                 { image_processor: 'Idefics3ImageProcessor' }, { pad: 'square' }]
+    .map((extra) => { try { checkVision({ ...base, ...extra }); return null; }
+                      catch (e) { return e.message; } });
+console.log(JSON.stringify({ keys: Object.keys(VISION_KEYS), refused }));
+""",
+    )
+    got = json.loads(out)
+    contract = {value for name, value in vars(C).items() if name.startswith("V_")}
+    assert set(got["keys"]) == contract | VISION_KEYS_OUTSIDE_CONTRACT
+    for key, message in zip(
+        ("new_key", "crop", "pad", "resample", "image_processor", "pad_color"),
+        got["refused"],
+        strict=True,
+    ):
+        assert message and f"vision.{key}:" in message, (key, message)
+
+
+def _vision(size: tuple[int, int], extra: dict) -> dict:
+    base = {
+        C.V_IMAGE_SIZE: list(size),
+        C.V_RESAMPLE: 3,
+        C.V_RESCALE: 1 / 255,
+        C.V_IMAGE_MEAN: [0.48145466, 0.4578275, 0.40821073],
+        C.V_IMAGE_STD: [0.26862954, 0.26130258, 0.27577711],
+    }
+    return {**base, **extra}
+
+
+LLAVA = {
+    C.V_PROCESSOR: "LlavaImageProcessor",
+    C.V_CONVERT_RGB: True,
+    C.V_PAD: C.PAD_SQUARE,
+    C.V_PAD_COLOR: [122, 116, 104],
+    C.V_DO_RESIZE: True,
+    C.V_RESIZE: 32,
+    C.V_CROP: C.CROP_CENTER,
+    C.V_RESAMPLE: 5,
+    C.V_DO_RESCALE: True,
+    C.V_DO_NORMALIZE: True,
+}
+NO_RESIZE_NO_NORMALISE = {
+    C.V_DO_RESIZE: False,
+    C.V_RESAMPLE: None,
+    C.V_CROP: C.CROP_CENTER,
+    C.V_RESCALE: 1.0,
+    C.V_IMAGE_MEAN: [0.0] * 3,
+    C.V_IMAGE_STD: [1.0] * 3,
+    C.V_DO_RESCALE: False,
+    C.V_DO_NORMALIZE: False,
+}
+# Every option preprocess.mjs models, each PIL filter, up- and downscaling, pad and crop edges.
+JS_CONFIGS = [
+    _vision((64, 64), {C.V_RESIZE: 64, C.V_CROP: C.CROP_CENTER}),  # CLIP
+    _vision((40, 40), {C.V_CROP: C.CROP_NONE, C.V_RESAMPLE: 2}),  # SigLIP: straight to [H, W]
+    _vision((48, 64), {C.V_RESIZE: 50, C.V_CROP: C.CROP_CENTER, C.V_RESAMPLE: 1}),
+    _vision((48, 48), {C.V_RESIZE: 30, C.V_CROP: C.CROP_CENTER, C.V_RESAMPLE: 4}),  # crop pads
+    _vision((32, 32), LLAVA),
+    _vision(
+        (24, 24),
+        {
+            C.V_PAD: C.PAD_SQUARE,
+            C.V_PAD_COLOR: [0, 255, 7],
+            C.V_RESAMPLE: 0,
+            C.V_RESIZE_SIZE: [24, 24],
+        },
+    ),
+    _vision((16, 16), NO_RESIZE_NO_NORMALISE),
+    _vision(
+        (50, 70), {C.V_RESIZE_SIZE: [50, 70], C.V_IMAGE_MEAN: [0.5] * 3, C.V_IMAGE_STD: [0.5] * 3}
+    ),
+    _vision((300, 200), {C.V_RESAMPLE: 1}),  # upscaling with the widest kernel
+]
+
+
+def test_js_preprocess_equals_runtime_on_every_option(
+    node_dir: Path, photo_paths: list[Path], tmp_path: Path
+) -> None:
+    """preprocess.mjs vs runtime.preprocess, bit for bit, for every modelled option on the real
+    photos, a tall crop of one (Pillow 13's vertical-first pass order) and small noise images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [np.asarray(load_image(p)) for p in photo_paths]
+    tall = np.ascontiguousarray(images[0][:, ::4])  # 480x160: Pillow 13 resizes it vertically first
+    noise = rng.integers(0, 256, (23 * 37 + 90 * 5) * 3, dtype=np.uint8)
+    images += [
+        tall,
+        noise[: 23 * 37 * 3].reshape(23, 37, 3),
+        noise[23 * 37 * 3 :].reshape(90, 5, 3),
+    ]
+    (tmp_path / "images.u8").write_bytes(b"".join(im.tobytes() for im in images))
+    spec = {"shapes": [im.shape[:2] for im in images], "configs": JS_CONFIGS}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    node_module(
+        node_dir,
+        f"""
+import fs from 'node:fs';
+import {{ pixelValues }} from './preprocess.mjs';
+const spec = JSON.parse(fs.readFileSync('{tmp_path}/spec.json', 'utf8'));
+const buf = fs.readFileSync('{tmp_path}/images.u8');
+const out = [];
+for (const vision of spec.configs) {{
+    let off = 0;
+    for (const [height, width] of spec.shapes) {{
+        const data = buf.subarray(off, off + height * width * 3);
+        off += height * width * 3;
+        const p = pixelValues({{ data, width, height, channels: 3 }}, vision).data;
+        out.push(Buffer.from(p.buffer, p.byteOffset, p.byteLength));
+    }}
+}}
+fs.writeFileSync('{tmp_path}/out.f32', Buffer.concat(out));
+""",
+    )
+    got = np.fromfile(tmp_path / "out.f32", dtype=np.float32)
+    off = 0
+    for n, vision in enumerate(JS_CONFIGS):
+        for image in images:
+            want = preprocess(Image.fromarray(image), vision)
+            mine = got[off : off + want.size].reshape(want.shape)
+            off += want.size
+            diff = np.abs(mine - want).max()
+            assert diff == 0.0, f"config {n}, image {image.shape}: max |diff| {diff}"
+    assert off == got.size
 
 
 def test_adapt_writes_external_data_and_missing_files(tmp_path: Path) -> None:

@@ -4,9 +4,13 @@
 //   node answer.mjs BUNDLE IMAGE "What is in the image?" [max_new_tokens]
 //
 // The bundle folder loads unchanged: its processor expands the image placeholder to exactly K
-// image tokens, and the vision graph emits the K kept tokens' features.
+// image tokens, and the vision graph emits the K kept tokens' features. preprocess.mjs replaces
+// transformers.js's image preprocessing (sharp's resize) with the runtime's, so the pruning graph
+// sees the device's pixels and keeps the device's tokens.
+import fs from 'node:fs';
 import path from 'node:path';
 import { env, AutoProcessor, LlavaForConditionalGeneration, RawImage } from '@huggingface/transformers';
+import { useBundlePreprocessing } from './preprocess.mjs';
 
 const [bundleArg, imagePath, question = 'What is in the image?', maxNew = '64'] = process.argv.slice(2);
 if (!bundleArg || !imagePath) {
@@ -21,6 +25,8 @@ env.allowRemoteModels = false;
 const id = path.basename(bundle);
 
 const processor = await AutoProcessor.from_pretrained(id);
+const { vision } = JSON.parse(fs.readFileSync(path.join(bundle, 'svdprune.json'), 'utf8'));
+useBundlePreprocessing(processor, vision);
 const model = await LlavaForConditionalGeneration.from_pretrained(id); // dtype from config.json
 
 const messages = [{ role: 'user', content: [{ type: 'image' }, { type: 'text', text: question }] }];

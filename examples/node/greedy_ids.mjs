@@ -5,8 +5,9 @@
 // REQUEST: {"bundle": dir, "max_new_tokens": n, "question": text, "items": [{"image": path,
 //   "input_ids": [...], "pixel_values": raw float32 file, "pixel_shape": [1, 3, H, W]}]}
 // OUT, per item: tokens (new ids; given input_ids + pixel_values), js_input_ids (the processor's
-//   ids for the chat-rendered question), js_tokens (new ids from the processor's own inputs),
-//   pixel_max/mean_abs_diff (processor pixels vs the given ones). One process serves all items.
+//   ids for the chat-rendered question), js_tokens (new ids from the processor's own inputs, as
+//   answer.mjs builds them: preprocess.mjs pixels), pixel_max/mean_abs_diff (processor pixels vs
+//   the given ones). One process serves all items.
 import fs from 'node:fs';
 import path from 'node:path';
 import {
@@ -16,6 +17,7 @@ import {
     RawImage,
     Tensor,
 } from '@huggingface/transformers';
+import { useBundlePreprocessing } from './preprocess.mjs';
 
 const [requestPath, outPath] = process.argv.slice(2);
 const req = JSON.parse(fs.readFileSync(requestPath, 'utf8'));
@@ -25,6 +27,8 @@ env.localModelPath = path.dirname(bundle) + path.sep;
 env.allowRemoteModels = false;
 const id = path.basename(bundle);
 const processor = await AutoProcessor.from_pretrained(id);
+const { vision } = JSON.parse(fs.readFileSync(path.join(bundle, 'svdprune.json'), 'utf8'));
+useBundlePreprocessing(processor, vision); // the runtime's pixels, as answer.mjs does
 const model = await LlavaForConditionalGeneration.from_pretrained(id);
 const gen = { max_new_tokens: req.max_new_tokens, do_sample: false };
 
