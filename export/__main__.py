@@ -142,7 +142,7 @@ def main(args: argparse.Namespace) -> Path:
     from export.transformersjs import adapt_for_transformersjs
     from export.vision import OPSET, export_vision, validate_vision
     from runtime.generate import Pipeline
-    from runtime.selftest import save_reference
+    from runtime.selftest import reference_images, save_reference
     from runtime.session import SessionConfig
     from svdprune_onnx.leverage import EXACT, LEVERAGE_METHODS
     from svdprune_onnx.select import PruneConfig, PruneError
@@ -184,7 +184,9 @@ def main(args: argparse.Namespace) -> Path:
     # pixels to equal the checkpoint's own processor's on the validation photos (max |diff| 0).
     # Read the photos now: a bad -i path fails before minutes of export, not after.
     photos = args.image or sorted(SHARED_IMAGES.glob("*"))
-    pixel_check = check_runtime_pixels(processor, vision_section(model, processor), photos)
+    # the device self-test's photos (a static vision graph takes exactly its own batch)
+    small = reference_images(photos, args.batch or 2)
+    pixel_check = check_runtime_pixels(processor, vision_section(model, processor), photos, small)
     batches = validation_batches(processor, photos, big=max(3, args.batch or 0))
     if args.batch:  # a static graph is validated on batches of exactly its size
         big, b = batches[-1], args.batch
@@ -241,11 +243,10 @@ def main(args: argparse.Namespace) -> Path:
         adapt_for_transformersjs(tmp, manifest)  # config/processor files for transformers.js
         write_manifest(tmp, manifest)
         # The device self-test's reference: this bundle's own CPU run on real photos.
-        pixels = batches[-1][: args.batch or 2]  # a static vision graph takes its own batch
-        with torch.no_grad():
-            scores = module.scores(torch.from_numpy(pixels)).numpy()
         pipe = Pipeline(tmp, SessionConfig(provider="cpu"), verify=False)  # hashed just now
-        manifest[C.KEY_SELFTEST] = save_reference(pipe, pixels, scores)
+        manifest[C.KEY_SELFTEST] = save_reference(
+            pipe, small, lambda px: module.scores(torch.from_numpy(px)).numpy()
+        )
         write_manifest(tmp, manifest, only=C.SELFTEST_FILE)
     summary(out, prune, report)
     return out
@@ -294,7 +295,7 @@ def summary(out: Path, prune, report: dict) -> None:
     )
     print(f"K={prune.k} of N={prune.n}, method={prune.method}{detail}; rel. diff vs PyTorch: "
           f"vision {vision:.1e}, decoder {decoder:.1e}")  # fmt: skip
-    print(f"next: python -m runtime.bundle {out}   # verify checksums on the target device")
+    print(f"next: python -m runtime.bundle {out} --selftest   # on the target device")
 
 
 def cli(argv: list[str] | None = None) -> int:

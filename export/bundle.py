@@ -50,7 +50,8 @@ def data_file(graph: Path) -> Path:
     return graph.with_name(graph.name + C.EXTERNAL_DATA_SUFFIX)
 
 
-PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu")
+# pillow: its resize is part of the pixels (Pillow 13 changed the pass order of some resizes)
+PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "pillow")
 
 
 def package_versions() -> dict[str, str]:

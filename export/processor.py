@@ -241,16 +241,19 @@ def probe_images(paths: Sequence[Path]) -> list[Image.Image]:
     return images
 
 
-def check_runtime_pixels(processor, vision: dict, paths: Sequence[Path]) -> dict:
-    """runtime.preprocess vs the checkpoint's own processor on the validation photos and their
-    probe_images variants: equal pixels, or ExportValidationError.
+def check_runtime_pixels(
+    processor, vision: dict, paths: Sequence[Path], extra: Sequence[Image.Image] = ()
+) -> dict:
+    """runtime.preprocess vs the checkpoint's own processor on the validation photos, their
+    probe_images variants and `extra` images (the self-test's): equal pixels, or
+    ExportValidationError.
 
     Returns the validation-section figures C.VAL_PREPROCESS (0.0) and C.VAL_PREPROCESS_IMAGES.
     """
     from export.vision import ExportValidationError
     from runtime.preprocess import preprocess
 
-    worst, images = 0.0, probe_images(paths)
+    worst, images = 0.0, [*probe_images(paths), *extra]
     convert = vision.get(C.V_CONVERT_RGB, True)
     for i, image in enumerate(images):
         # do_convert_rgb false: transformers raises on a non-RGB image, the runtime converts it.

@@ -43,7 +43,7 @@ HF_SIDE_FILES = (
 )
 # The device self-test's reference (runtime/selftest.py): an .npz of these arrays.
 SELFTEST_FILE = "selftest.npz"
-ST_PIXELS = "pixel_values"  # (B, 3, H, W) float16: a few real photos
+ST_IMAGE = "image_{}"  # (h, w, 3) uint8 per photo: a few real photos, downscaled
 ST_KEPT = "kept_indices"  # (B, K) int64 on the export's CPU run
 ST_FEATURES = "image_features"  # (B, K, D) float32
 ST_SCORES = "scores"  # (B, N) float32: PyTorch's selection scores (for the leverage mass)
@@ -169,6 +169,7 @@ PR_CHAT = "chat_template"  # the checkpoint's jinja template, for multi-turn cha
 S_FILE = "file"
 S_IMAGES = "images"
 S_NEW_TOKENS = "new_tokens"
+S_PIXELS_SHA256 = "pixels_sha256"  # of the photos' float32 pixel_values at export
 
 # graphs.<path>.*
 G_DTYPE = "dtype"  # one of DTYPES: the weights' format inside that graph (graph I/O stays float32)

@@ -1,11 +1,12 @@
-"""The bundle's self-test: does this device, provider and precision prune and answer as the
-export did? (numpy + onnxruntime only)
+"""The bundle's self-test: does this device, provider and precision preprocess, prune and
+answer as the export did? (numpy, Pillow and onnxruntime only)
 
-    export (CPU, the reference)                     device (any provider, once)
-    real photos' pixel_values ─► vision graph ─┐    the same pixels ─► vision graph
-      kept_indices, image_features, PyTorch's  │      agreement + leverage mass vs the
-      selection scores                         │      reference (runtime.parity floors)
-    fixed prompt ─► greedy ─► first tokens ────┴─►  the same prompt ─► greedy tokens: equal
+    export (CPU, the reference)                      device (any provider, once)
+    2 real photos (uint8, <= 640 px) ─► pixels ─┐    the same photos ─► its own preprocess
+      sha256 of the pixels                      │      pixels bit-equal (same Pillow rules)
+      vision graph ─► kept_indices, features,   │      vision graph: agreement + leverage mass
+      PyTorch's selection scores                │      vs the reference (runtime.parity floors)
+    fixed prompt ─► greedy ─► first tokens ─────┴─►  the same prompt ─► greedy tokens: equal
 
 The reference lives in the bundle (SELFTEST_FILE, hashed in the manifest like every file). The
 runtime runs the test the first time a bundle meets a new provider/precision and caches the
@@ -19,14 +20,19 @@ import dataclasses
 import hashlib
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import PIL
+from PIL import Image
 
 from runtime import contract as C
 from runtime.parity import below_floor, rel_diff, selection_figures
+from runtime.preprocess import load_image, preprocess_batch
 
 NEW_TOKENS = 8  # greedy tokens per photo in the reference
+SIDE = 640  # the reference photos' long side (px): ~1 MB for two in the bundle
 # A reference first token whose lead over the runner-up is below this share of the largest
 # |logit| is a near-tie: another provider may pick the runner-up without being wrong.
 NEAR_TIE = 0.02
@@ -37,32 +43,53 @@ class SelfTestError(RuntimeError):
     """This provider/precision does not reproduce the bundle's reference; says what to do."""
 
 
-def save_reference(pipe, pixels: np.ndarray, scores: np.ndarray) -> dict:
-    """Run `pipe` (a CPU Pipeline over the freshly exported bundle) on `pixels` (B,3,H,W) and
-    write its outputs as the reference; returns the manifest's selftest section.
+def reference_images(paths: Sequence, n: int) -> list[Image.Image]:
+    """The self-test's photos: the first `n` of `paths` (cycled), downscaled to at most SIDE px
+    on the long side so the bundle carries them cheaply."""
+    images = []
+    for i in range(n):
+        image = load_image(paths[i % len(paths)])
+        image.thumbnail((SIDE, SIDE), Image.Resampling.BICUBIC)
+        images.append(image)
+    return images
 
-    `scores` (B, N) are PyTorch's selection scores for the same pixels (the leverage the graph
-    ranks), so a device can be judged by the mass it keeps, not only by exact indices.
+
+def save_reference(pipe, images: list[Image.Image], scores: Callable) -> dict:
+    """Preprocess `images` and run `pipe` (a CPU Pipeline over the freshly exported bundle) on
+    them; write the photos, the pixels' digest and the outputs as the reference. Returns the
+    manifest's selftest section.
+
+    `scores(pixels) -> (B, N)` gives PyTorch's selection scores (the leverage the graph ranks),
+    so a device is judged by the mass it keeps, not only by exact indices.
     """
     from runtime.generate import Sampling
 
-    stored = pixels.astype(np.float16)  # half the bytes; the reference is computed on these
+    pixels = preprocess_batch(images, pipe.m[C.KEY_VISION])  # (B, 3, H, W) float32
     prompt = np.array(pipe.prompt_ids(PROMPT), np.int64)
-    sampling = Sampling(NEW_TOKENS)
-    kept, feats, tokens, margin = _run(pipe, stored.astype(np.float32), prompt, sampling)
+    kept, feats, tokens, margin = _run(pipe, pixels, prompt, Sampling(NEW_TOKENS))
+    photos = {C.ST_IMAGE.format(i): np.asarray(im) for i, im in enumerate(images)}
     np.savez_compressed(
         pipe.bundle / C.SELFTEST_FILE,
+        **photos,
         **{
-            C.ST_PIXELS: stored,
             C.ST_KEPT: kept,
             C.ST_FEATURES: feats,
-            C.ST_SCORES: scores.astype(np.float32),
+            C.ST_SCORES: np.asarray(scores(pixels), np.float32),
             C.ST_PROMPT: prompt,
             C.ST_TOKENS: tokens,
             C.ST_MARGIN: margin,
         },
     )
-    return {C.S_FILE: C.SELFTEST_FILE, C.S_IMAGES: len(pixels), C.S_NEW_TOKENS: NEW_TOKENS}
+    return {
+        C.S_FILE: C.SELFTEST_FILE,
+        C.S_IMAGES: len(images),
+        C.S_NEW_TOKENS: NEW_TOKENS,
+        C.S_PIXELS_SHA256: _digest(pixels),
+    }
+
+
+def _digest(pixels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pixels, np.float32).tobytes()).hexdigest()
 
 
 def _run(pipe, pixels: np.ndarray, prompt: np.ndarray, sampling) -> tuple:
@@ -93,7 +120,9 @@ def run_selftest(pipe) -> dict:
     with np.load(inside(pipe.bundle, section[C.S_FILE]), allow_pickle=False) as ref:
         ref = {k: ref[k] for k in ref.files}
     n_tokens = ref[C.ST_TOKENS].shape[1]
-    pixels = ref[C.ST_PIXELS].astype(np.float32)
+    # this device's own preprocessing (its Pillow) on the stored photos: bit-exact or reported
+    images = [Image.fromarray(ref[C.ST_IMAGE.format(i)]) for i in range(section[C.S_IMAGES])]
+    pixels = preprocess_batch(images, pipe.m[C.KEY_VISION])
     kept, feats, tokens, _ = _run(pipe, pixels, ref[C.ST_PROMPT], Sampling(n_tokens))
     sel = selection_figures(kept, ref[C.ST_KEPT], ref[C.ST_SCORES])
     same = kept == ref[C.ST_KEPT]  # (B, K): rows whose token agrees have comparable features
@@ -107,12 +136,20 @@ def run_selftest(pipe) -> dict:
         C.VAL_FEATURES_REL: rel_diff(feats[same], ref[C.ST_FEATURES][same]),
         "tokens_equal": equal,  # per photo: how many leading greedy tokens equal the reference
         "tokens": n_tokens,
+        "pixels_equal": _digest(pixels) == section[C.S_PIXELS_SHA256],
     }
     # A first token may differ only where the reference itself was a near-tie (TF32 matmuls
     # on CUDA move logits by ~1e-3 of their scale).
     tie = ref[C.ST_MARGIN] < NEAR_TIE if C.ST_MARGIN in ref else np.zeros(len(equal), bool)
     report["near_ties"] = int(tie.sum())
-    why = below_floor(sel)
+    exported = pipe.m.get(C.KEY_EXPORTER, {}).get("packages", {}).get("pillow", "?")
+    why = None
+    if not report["pixels_equal"]:
+        why = (
+            f"this device's preprocessing (Pillow {PIL.__version__}) gives other pixels than "
+            f"the export's (Pillow {exported})"
+        )
+    why = why or below_floor(sel)
     if why is None and any(e == 0 and not t for e, t in zip(equal, tie, strict=True)):
         why = "the first greedy token differs from the reference"
     report["passed"], report["reason"] = why is None, why
@@ -128,8 +165,10 @@ def describe(report: dict) -> str:
     """One line: the figures and the verdict."""
     sel = report[C.VAL_SELECTION]
     verdict = "ok" if report["passed"] else f"FAILED ({report['reason']})"
+    pixels = "pixels bit-equal" if report.get("pixels_equal") else "pixels DIFFER"
     return (
-        f"self-test {verdict}: kept-index agreement {sel['agreement_min']:.3f}, leverage mass "
+        f"self-test {verdict}: {pixels}, kept-index agreement {sel['agreement_min']:.3f}, "
+        f"leverage mass "
         f"{sel['mass_min']:.4f}, features rel. diff {report[C.VAL_FEATURES_REL]:.1e}, greedy "
         f"tokens equal {min(report['tokens_equal'])}/{report['tokens']} "
         f"[{', '.join(sorted(set(report['providers'].values())))}]"

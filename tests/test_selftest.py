@@ -47,7 +47,9 @@ def test_reference_is_in_the_bundle(bundles) -> None:
     section = m[C.KEY_SELFTEST]
     assert section[C.S_FILE] == C.SELFTEST_FILE and C.SELFTEST_FILE in m[C.KEY_FILES]
     with np.load(bundles["gram"] / C.SELFTEST_FILE) as ref:
-        assert ref[C.ST_PIXELS].shape == (section[C.S_IMAGES], 3, 336, 336)
+        for i in range(section[C.S_IMAGES]):  # real photos, downscaled, uint8
+            image = ref[C.ST_IMAGE.format(i)]
+            assert image.dtype == np.uint8 and image.ndim == 3 and max(image.shape) <= st.SIDE
         assert ref[C.ST_KEPT].shape == (section[C.S_IMAGES], 16)
         assert ref[C.ST_TOKENS].shape == (section[C.S_IMAGES], section[C.S_NEW_TOKENS])
         assert ref[C.ST_SCORES].shape == (section[C.S_IMAGES], 576)
@@ -73,6 +75,17 @@ def test_a_graph_that_prunes_differently_fails(bundles, tmp_path, capsys) -> Non
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and "self-test FAILED" in err, err
     assert "\n" not in err
+
+
+def test_other_preprocessing_on_the_device_fails(bundles, monkeypatch) -> None:
+    # a device whose Pillow resizes differently (Pillow 12 vs 13 on some aspect ratios)
+    from runtime import preprocess
+    from runtime.generate import Pipeline
+
+    real = preprocess.preprocess
+    monkeypatch.setattr(preprocess, "preprocess", lambda im, v: real(im, v) + 1e-6)
+    report = st.run_selftest(Pipeline(bundles["gram"], SessionConfig(provider="cpu")))
+    assert not report["passed"] and "gives other pixels" in report["reason"]
 
 
 def test_runtime_runs_it_once_then_reads_the_cache(bundles, tmp_path, monkeypatch) -> None:
