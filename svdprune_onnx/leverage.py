@@ -12,6 +12,9 @@ the ONNX graph has no Loop/If/Scan and no SVD/QR/inverse (ONNX has none):
   gram    oversampled subspace iteration with a degree-2 Chebyshev filter whose cut-off is
           re-estimated every step from the Rayleigh quotient of the last oversampling column;
           converges ~2x faster per G-product than `power` when s_r / s_{r+1} is close to 1.
+          On rank-deficient X (numerical rank k < p) columns without a resolvable direction
+          are zeroed and the cut-off comes from the live ones: exact scores for k <= r, and
+          still oversampled for r < k < p (see cheb_basis).
 
 G is never formed: G @ Q = X @ (X^T @ Q) costs 4·N·d·p flops instead of 2·N²·d.
 """
@@ -30,6 +33,11 @@ LEVERAGE_METHODS = (EXACT, *APPROX_METHODS)
 # numerically dependent on the previous ones (float32 rounding leaves ~1e-6 of noise); it is
 # dropped (zeroed) instead of being normalised into a random direction.
 DROP_TOL = 1e-5
+# A column of the `gram` block whose Rayleigh quotient is at most this fraction of the largest
+# carries no direction that float32 resolves: it is numerically in the null space of G (k < p).
+# Such noise columns measure rho / rho_max <= ~1.2e-7 on rank-deficient inputs, genuine columns
+# of real CLIP-L features >= ~9e-5 (r = 64, no centring): 1e-6 sits between, with margin both ways.
+LIVE_TOL = 1e-6
 _TINY = 1e-30
 
 
@@ -118,32 +126,72 @@ def cheb_basis(X: torch.Tensor, start: torch.Tensor, rank: int, iters: int) -> t
     step, and one more gives the final Rayleigh quotients. With `start` (N, p), p = r + oversample:
 
         Q (B,N,p) ─► GQ = G Q ─► ρ = diag(Q^T G Q) ─► sort columns by ρ, descending
-                          b = min ρ (≈ λ_p <= λ_{r+1}: the cut-off),  c = e = b / 2
+                          live = ρ > LIVE_TOL · ρ_1     dead columns of Q, GQ -> exact zeros
+                          b = ρ_p (≈ λ_p <= λ_{r+1}: the cut-off)        if all p are live
+                          b = Gershgorin lower bound of Q^T G Q (p, p)   if any column is dead
+                          c = e = b / 2
         Y1 = (GQ - c Q) / e                 maps [0, b] onto [-1, 1]
         Y2 = 2 (G Y1 - c Y1) / e - Q        = T_2((G - c) / e) Q: |T_2| <= 1 on [0, b],
         Q  = orth(Y2)                       grows like cosh(2 acosh x) above it
-        ... ─► keep the r columns with the largest ρ (a diagonal Rayleigh-Ritz step)
+        ... ─► ρ again, dead columns zeroed ─► keep the r columns with the largest ρ
+               (a diagonal Rayleigh-Ritz step)
 
     Sorting by ρ lets two nearly equal eigenvalues at the r / r+1 boundary trade places instead
     of leaving the wrong one in the first r columns, which is where plain subspace iteration
     stalls. Degree 2 per orthonormalisation: degree 3 already lets λ_1^3 / λ_r^3 outgrow what
     float32 Gram-Schmidt resolves on features with huge-norm outlier tokens.
+
+    Rank-deficient X (numerical rank k < p: a blank page, a flat sky, a screenshot): after the
+    first product the block spans all of range(X), and its other p - k columns are dropped by
+    `orthonormalize` (exact zeros, ρ = 0) or are float32 noise nearly orthogonal to range(X)
+    (ρ ~ 1e-7 ρ_1). Both are dead:
+      - noise is zeroed because T_2 maps λ = 0 to 1: the filter would carry a noise column
+        along, and `topk` would keep it when k < r and add its random squares to the scores;
+      - the cut-off ignores dead columns: ρ_p ~ 0 there, (G - c) / e overflows, every column
+        drops and all scores are 0 (the selector then keeps its uniform grid);
+      - the smallest *live* ρ is no safe cut-off either: while the columns are still mixed it
+        overestimates λ_k, and T_2 has roots at 0.146 b and 0.854 b that can wipe out a wanted
+        direction for good. Gershgorin's bound min_j (ρ_j - sum_{i != j} |(Q^T G Q)_ij|) over
+        live j is <= the smallest Ritz value of the live block <= λ_{#live} (interlacing), so
+        nothing the block holds is damped: with k <= r live columns the block is the answer
+        already and the step keeps its span; with r < k < p the bound tightens towards λ_k as
+        the columns converge and the filter still separates λ_r from λ_{r+1}. It is floored
+        at LIVE_TOL · ρ_1 (mixed columns give a negative bound; the step then acts like G^2).
+    A healthy full-rank block has no dead column and keeps b = ρ_p: its scores are bit for bit
+    those of the filter without this fallback. All of it is tensor-valued (Where, ReduceMin,
+    comparisons, one (p, p) MatMul per step): no data-dependent Python branch, so the graph
+    stays Loop/If-free.
     """
     Q = start.to(X.dtype).expand(X.shape[0], -1, -1)
     Q = orthonormalize(_gram_apply(X, Q))
     n_filter, n_plain = divmod(max(iters - 2, 0), 2)
     for _ in range(n_filter):
         GQ = _gram_apply(X, Q)
-        order = _rayleigh(Q, GQ).argsort(dim=-1, descending=True)  # (B, p)
-        Q, GQ = _take_columns(Q, order), _take_columns(GQ, order)
-        b = _rayleigh(Q[..., -1:], GQ[..., -1:]).clamp_min(_TINY).unsqueeze(-1)  # (B, 1, 1)
+        rho, order = _rayleigh(Q, GQ).sort(dim=-1, descending=True)  # (B, p) each
+        floor = LIVE_TOL * rho[..., :1]  # (B, 1)
+        live = rho > floor  # (B, p): a prefix of the order
+        Q = torch.where(live.unsqueeze(1), _take_columns(Q, order), 0.0)  # (B, N, p)
+        GQ = torch.where(live.unsqueeze(1), _take_columns(GQ, order), 0.0)
+        # Gershgorin lower bound of the live block's eigenvalues. Dead rows/columns of the
+        # compression H are zero; dead entries read as ρ_1 so that they never win the min.
+        H = Q.transpose(1, 2) @ GQ  # (B, p, p) = Q^T G Q
+        lower = 2 * rho - H.abs().sum(dim=1)  # (B, p): ρ_j - sum_{i != j} |H_ij|, ρ_j >= 0
+        lower = torch.where(live, lower, rho[..., :1]).amin(dim=-1, keepdim=True)  # (B, 1)
+        # All p live (the last is, as live is a prefix): ρ_p, recomputed from the last column
+        # exactly as before this fallback existed, so full-rank results are bit for bit the
+        # same; else the bound.
+        rho_p = _rayleigh(Q[..., -1:], GQ[..., -1:])  # (B, 1)
+        b = torch.where(live[..., -1:], rho_p, torch.maximum(lower, floor))
+        b = b.clamp_min(_TINY).unsqueeze(-1)  # (B, 1, 1); X = 0 leaves b = 0 and Q = 0
         c = e = b / 2
         Y1 = (GQ - c * Q) / e
         Q = orthonormalize(2 * (_gram_apply(X, Y1) - c * Y1) / e - Q)
     for _ in range(n_plain):
         Q = orthonormalize(_gram_apply(X, Q))
-    keep = _rayleigh(Q, _gram_apply(X, Q)).topk(rank, dim=-1).indices  # (B, r)
-    return _take_columns(Q, keep)
+    rho = _rayleigh(Q, _gram_apply(X, Q))  # (B, p)
+    rho, keep = rho.topk(rank, dim=-1)  # (B, r), descending: rho[..., :1] is the largest
+    live = (rho > LIVE_TOL * rho[..., :1]).unsqueeze(1)  # (B, 1, r)
+    return torch.where(live, _take_columns(Q, keep), 0.0)
 
 
 def exact_leverage(X: torch.Tensor, rank: int) -> torch.Tensor:
@@ -175,7 +223,8 @@ def leverage(
     NaN/Inf features are zeroed (see `prepare`). Degenerate inputs do not crash: a zero matrix,
     all-equal tokens (zero after centring) or rank(X) < r give zero columns in the basis, so the
     scores sum to the numerical rank (possibly 0, every score equal); the selector then breaks
-    ties by its fixed spatial priority, so the result is still K valid, unique indices.
+    ties by its fixed spatial priority, so the result is still K valid, unique indices. With
+    rank(X) <= r the basis spans range(X), so both approximations return exact leverage.
     """
     if not 1 <= rank <= X.shape[1]:
         raise ValueError(f"rank must be in 1..N={X.shape[1]}, got {rank}; pass --rank in range")

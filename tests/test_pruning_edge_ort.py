@@ -7,7 +7,9 @@ all-equal tokens, rank-deficient, huge and tiny norms):
     feats (B, N, d) ─► token_scores ─► select_topk ─► scores (B, N) f32, kept (B, K) i64
 
 ORT must give K unique, ascending, in-range indices, identical to PyTorch's, run after run,
-with finite scores. A tiny CLIP vision graph checks NaN/Inf/huge *pixels* end to end.
+with finite scores. Rank-deficient features (ranks 1..r + oversample) are scored against exact
+SVD leverage, also at the shipped rank / oversampling / iterations. A tiny CLIP vision graph
+checks NaN/Inf/huge *pixels* end to end.
 """
 
 from __future__ import annotations
@@ -24,26 +26,32 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch import nn
 
+from svdprune_onnx import leverage as lev
 from svdprune_onnx import select as S
+from tests.test_leverage import RANK_KINDS, check_rank_deficient, rank_k, well_defined
 
 N, GRID, D, K, RANK = 64, (8, 8), 12, 8, 4
 METHODS = ("gram", "power", S.NORM)
 
 
 class PruneGraph(nn.Module):
-    """Scoring + fixed-K selection alone: feats (B, N, D) -> scores (B, N), kept (B, K)."""
+    """Scoring + fixed-K selection alone: feats (B, N, D) -> scores (B, N), kept (B, K).
 
-    def __init__(self, method: str) -> None:
+    Small and fast by default (N=64 on an 8x8 grid, K=8, r=4, 4 iterations); `cfg` and `grid`
+    give another size, e.g. the shipped rank / oversampling / iterations.
+    """
+
+    def __init__(self, method: str, cfg: S.PruneConfig | None = None, grid=GRID) -> None:
         super().__init__()
-        self.cfg = S.PruneConfig(k=K, n=N, method=method, rank=RANK, iterations=4)
-        self.register_buffer("priority", S.spatial_priority(N, GRID, K))
+        self.cfg = cfg or S.PruneConfig(k=K, n=N, method=method, rank=RANK, iterations=4)
+        self.register_buffer("priority", S.spatial_priority(self.cfg.n, grid, self.cfg.k))
         const = S.score_constant(self.cfg)
         self.register_buffer("const", const if const is not None else torch.zeros(0))
 
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         const = self.const if self.const.numel() else None
         scores = S.token_scores(feats, self.cfg, None, const)
-        return scores, S.select_topk(scores, K, self.priority)
+        return scores, S.select_topk(scores, self.cfg.k, self.priority)
 
 
 def _export(module: nn.Module, dummy: torch.Tensor, path: Path, names: list[str]) -> Path:
@@ -131,6 +139,45 @@ def test_degenerate_features_keep_the_uniform_grid_in_ort(graphs, method: str) -
         assert np.array_equal(sess.run(None, {"f": x.astype(np.float32)})[1], grid)
 
 
+# --- rank-deficient features (blank page, flat sky, outlier tokens) vs exact leverage --------
+
+
+def _rank_deficient_in_ort(module: PruneGraph, sess, grid, d: int, converged: bool) -> None:
+    """Ranks 1..p (p = r + oversample) of three kinds, one batch through ORT: the scores are
+    exact leverage where rank <= r, and the kept tokens carry exact's leverage mass (the checks
+    of tests/test_leverage.py, there in PyTorch)."""
+    cfg = module.cfg
+    p = lev.block_width(lev.GRAM, cfg.rank, cfg.oversample, cfg.n)
+    ranks = [rk for rk in range(1, p + 1) for _ in RANK_KINDS]
+    X = torch.stack([rank_k(kind, rk, cfg.n, d) for rk in range(1, p + 1) for kind in RANK_KINDS])
+    for x, rk in zip(X, ranks, strict=True):
+        well_defined(x, rk)
+    scores, kept = sess.run(None, {"f": X.numpy()})
+    check_indices_k(kept, cfg.k, cfg.n, batch=len(X))
+    with torch.no_grad():
+        ref_scores, _ = module(X)
+    assert np.abs(scores - ref_scores.numpy()).max() <= 1e-4, "ORT vs PyTorch (leverage <= 1)"
+    exact = lev.leverage(X, cfg.rank, lev.EXACT)
+    scores_t, kept_t = torch.from_numpy(scores), torch.from_numpy(kept)
+    check_rank_deficient(scores_t, kept_t, exact, ranks, cfg.rank, cfg.method, grid, converged)
+
+
+@pytest.mark.parametrize("method", ["gram", "power"])
+def test_rank_deficient_features_in_ort(graphs, method: str) -> None:
+    """The small graphs (r = 4, 4 iterations): exact up to rank r, no noise column beyond."""
+    _rank_deficient_in_ort(*graphs[method], GRID, D, converged=False)
+
+
+def test_rank_deficient_features_in_ort_at_defaults(tmp_path) -> None:
+    """`gram` at the shipped rank / oversampling / iterations (r = 8, p = 12, 16 iterations) on
+    a 12x12 grid: also close to exact for r < rank <= p."""
+    n, grid, d = 144, (12, 12), 32  # d >= p, so every rank up to p exists
+    module = PruneGraph("gram", S.PruneConfig(k=16, n=n, method="gram"), grid).eval()
+    path = _export(module, torch.zeros(2, n, d), tmp_path / "gram.onnx", ["f", "s", "k"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    _rank_deficient_in_ort(module, sess, grid, d, converged=True)
+
+
 # --- NaN/Inf/huge pixels through a tiny full vision graph -----------------------------------
 
 PIXEL_CASES = ["zeros", "constant", "nan-patch", "nan-all", "inf-patch", "-inf-all", "1e30-all",
@@ -182,7 +229,7 @@ def test_bad_pixels_in_vision_graph(vision_graph, case: str) -> None:
     assert np.abs(feats - ref_feats.numpy()).max() <= 1e-4, case
 
 
-def check_indices_k(idx: np.ndarray, k: int) -> None:
-    assert idx.dtype == np.int64 and idx.shape == (1, k)
-    row = idx[0].tolist()
-    assert row == sorted(set(row)) and len(row) == k and row[0] >= 0 and row[-1] < 576
+def check_indices_k(idx: np.ndarray, k: int, n: int = 576, batch: int = 1) -> None:
+    assert idx.dtype == np.int64 and idx.shape == (batch, k)
+    for row in idx.tolist():
+        assert row == sorted(set(row)) and len(row) == k and row[0] >= 0 and row[-1] < n
