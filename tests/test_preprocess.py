@@ -453,7 +453,9 @@ def test_llava_pad_checkpoint_exports(tiny_clip: Path, photo_paths: list[Path], 
     assert vision[C.V_PROCESSOR] == "LlavaImageProcessor" and vision[C.V_PAD] == C.PAD_SQUARE
     assert vision[C.V_PAD_COLOR] == [122, 116, 104]
     assert manifest[C.KEY_VALIDATION][C.VAL_PREPROCESS] == 0.0
-    assert manifest[C.KEY_VALIDATION][C.VAL_PREPROCESS_IMAGES] == 4 * len(photo_paths)
+    # 4 variants of each photo, plus the self-test's photos (one per image it stores)
+    extra = manifest[C.KEY_SELFTEST][C.S_IMAGES]
+    assert manifest[C.KEY_VALIDATION][C.VAL_PREPROCESS_IMAGES] == 4 * len(photo_paths) + extra
     proc = AutoImageProcessor.from_pretrained(out, use_fast=False, local_files_only=True)
     assert type(proc).__name__ == "LlavaImageProcessor" and proc.do_pad
     images = [load_image(p) for p in _photos(photo_paths)]
