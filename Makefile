@@ -126,3 +126,10 @@ eval: $(STAMP)
 .PHONY: soak
 soak: $(STAMP)
 	$(PY) -m bench.soak
+
+# One command for a GPU machine: medium preset x K = N/64/16 x fp32/q4f16, self-test, tokens vs CPU
+# on CUDA and TensorRT, CUDA profile -> build/gpu-check/report.{json,md}. On a CPU machine it
+# says there is no GPU and exits 0.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check
