@@ -50,18 +50,18 @@ def ensure_bundle(k: int, dtype: str, out: Path) -> Path:
 
 
 def teacher_forced(pipe: Pipeline, pixels: np.ndarray, prompt: list[int], answer: list[int]):
-    """(T, V) logits predicting each answer token, from one pass over prompt + answer[:-1]."""
-    ids = np.array([prompt + answer[:-1]], np.int64)  # (1, S + T - 1)
-    feats, _ = pipe.vision.run(None, {C.PIXEL_VALUES: pixels})
-    (embeds,) = pipe.embed.run(None, {C.INPUT_IDS: ids})
-    embeds[ids == pipe.text[C.T_IMAGE_TOKEN_ID]] = feats.reshape(-1, feats.shape[-1])
-    feed = _empty_past(pipe, 1) | {
-        C.INPUTS_EMBEDS: embeds,
-        C.ATTENTION_MASK: np.ones_like(ids),
-        C.POSITION_IDS: np.arange(ids.shape[1])[None],
-    }
-    (logits,) = pipe.decoder.run([C.LOGITS], feed)
-    return logits[0, len(prompt) - 1 :]  # row i predicts answer[i]
+    """(T, V) logits predicting each answer token: the prompt, then the answer fed one token at
+    a time through the KV cache (the decoder emits the last position's logits only)."""
+    from runtime.generator import Generator
+
+    feats, kept = pipe.vision.run(None, {C.PIXEL_VALUES: pixels})
+    gen = Generator(pipe, Sampling(max_new_tokens=1))
+    gen.append_tokens([prompt], image=(feats, kept))
+    rows = [gen.logits[0]]
+    for token in answer[:-1]:  # row i predicts answer[i]
+        gen.append_tokens([[token]])
+        rows.append(gen.logits[0])
+    return np.stack(rows)
 
 
 def _empty_past(pipe: Pipeline, batch: int) -> dict[str, np.ndarray]:

@@ -1,9 +1,12 @@
 """The language decoder with KV cache, taking inputs_embeds, exported with optimum (of record).
 
     inputs_embeds (B,S,H) ┐
-    attention_mask (B,P+S)├─► *ForCausalLM (LLaVA's text model + lm_head) ─► logits (B,S,V)
+    attention_mask (B,P+S)├─► *ForCausalLM (LLaVA's text model + lm_head) ─► logits (B,1,V)
     position_ids (B,S)    │                                                 present.{i}.key/value
     past_key_values.{i}.* ┘  (B,kv,P,hd); P = 0 on the first step          (B,kv,P+S,hd)
+
+lm_head runs on the last position only (logits_to_keep=1): a prefill of S tokens computes one
+row of logits per sequence, not S (C.LOGITS_POSITIONS).
 
 One graph, no If: optimum exports the with-past model whose past may be empty, which is what
 transformers.js and ONNX Runtime GenAI call decoder_model_merged.
@@ -21,6 +24,7 @@ import onnx
 import torch
 from optimum.exporters.onnx import onnx_export_from_model
 from optimum.exporters.onnx.config import TextDecoderWithPositionIdsOnnxConfig
+from optimum.exporters.onnx.model_patcher import ModelPatcher
 from optimum.utils import (
     DummyTextInputGenerator,
     MistralDummyPastKeyValuesGenerator,
@@ -52,6 +56,18 @@ class InputsEmbedsDecoderOnnxConfig(TextDecoderWithPositionIdsOnnxConfig):
                 renamed[name] = axes
         return renamed
 
+    @property
+    def outputs(self) -> dict[str, dict[int, str]]:
+        # logits (batch_size, 1, V): axis 1 is the literal C.LOGITS_POSITIONS, not sequence_length.
+        outs = super().outputs
+        outs[C.LOGITS] = {0: C.AXIS_BATCH}
+        return outs
+
+    def patch_model_for_export(self, model, model_kwargs: dict | None = None) -> ModelPatcher:
+        # optimum sets logits_to_keep=0 (every position); ours overrides it: the last one only.
+        kwargs = {**(model_kwargs or {}), "logits_to_keep": C.LOGITS_POSITIONS}
+        return super().patch_model_for_export(model, model_kwargs=kwargs)
+
     def generate_dummy_inputs(self, framework: str = "pt", **kwargs) -> dict:
         """inputs_embeds (B,S,H), a full mask over P+S, positions P..P+S-1, a past of P."""
         cfg = self._normalized_config
@@ -59,12 +75,19 @@ class InputsEmbedsDecoderOnnxConfig(TextDecoderWithPositionIdsOnnxConfig):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         kv = (DUMMY_BATCH, cfg.num_key_value_heads, DUMMY_PAST, head_dim)
         total = DUMMY_PAST + DUMMY_SEQ
-        return {
+        dummy = {
             C.INPUTS_EMBEDS: torch.randn(DUMMY_BATCH, DUMMY_SEQ, cfg.hidden_size),
             C.ATTENTION_MASK: torch.ones(DUMMY_BATCH, total, dtype=torch.int64),
             C.POSITION_IDS: torch.arange(DUMMY_PAST, total).expand(DUMMY_BATCH, -1).contiguous(),
             C.PAST_PREFIX: [(torch.randn(kv), torch.randn(kv)) for _ in range(cfg.num_layers)],
         }
+        if framework == "np":  # optimum's fix_dynamic_axes runs the graph once to pin the
+            # logits' position axis (TorchScript names it) to its static C.LOGITS_POSITIONS
+            dummy = {
+                k: [(a.numpy(), b.numpy()) for a, b in v] if k == C.PAST_PREFIX else v.numpy()
+                for k, v in dummy.items()
+            }
+        return dummy
 
 
 def _move_onnx(src: Path, dst: Path) -> None:

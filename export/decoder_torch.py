@@ -3,7 +3,7 @@
 The causal LM is wrapped so the KV cache crosses the graph boundary as plain tensors:
 
     inputs_embeds  (B, S, H) ---+
-    attention_mask (B, P+S) ----+                  +--> logits (B, S, V)
+    attention_mask (B, P+S) ----+                  +--> logits (B, 1, V): last position only
     position_ids   (B, S) ------+--> *ForCausalLM -+
                                 |    (eager attn)  +--> present.{i}.key/value (B, kv, P+S, D)
     past_key_values.{i}.key  ---+         ^
@@ -61,10 +61,11 @@ class FlatCacheDecoder(nn.Module):
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=C.LOGITS_POSITIONS,  # lm_head on the last position: (B, 1, V)
         )
         # Each layer now holds cat(past, new) along the sequence axis: (B, kv, P+S, D).
         present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-        return (out.logits, *present)  # logits (B, S, V)
+        return (out.logits, *present)  # logits (B, 1, V)
 
 
 def _head_dim(cfg) -> int:
@@ -84,7 +85,7 @@ def _io_spec(cfg) -> tuple[dict[str, list], dict[str, list]]:
         **{name: past_shape for i in layers for name in C.past_names(i)},
     }
     outputs = {
-        C.LOGITS: [C.AXIS_BATCH, C.AXIS_SEQ, cfg.vocab_size],
+        C.LOGITS: [C.AXIS_BATCH, C.LOGITS_POSITIONS, cfg.vocab_size],
         **{name: present_shape for i in layers for name in C.present_names(i)},
     }
     return inputs, outputs

@@ -52,9 +52,10 @@ class Tolerance:
     """How far a variant may drift from fp32 at export before the export fails.
 
     Gross-failure guards, about 3x what the tiny random-weight default measures (embeddings /
-    logits rel. error / top-1): fp16 2e-4 / 1.0e-2 / 1.0, int8 9.7e-3 / 1.9e-2 / 1.0,
-    q4 8.1e-2 / 0.135 / 0.66 (random weights give nearly flat logits, so top-1 is fragile).
-    `logits_rel` is ||logits - ref|| / ||ref|| over prefill + decode steps.
+    logits rel. error / top-1): fp16 2e-4 / 1.1e-2 / 1.0, int8 9.7e-3 / 1.6e-2 / 1.0,
+    q4 8.1e-2 / 0.123 / 0.73 (random weights give nearly flat logits, so top-1 is fragile).
+    `logits_rel` is ||logits - ref|| / ||ref|| over the last position of the prefill and of
+    each decode step (the decoder emits no other logits).
     """
 
     embed_rel: float
@@ -325,12 +326,13 @@ def embed_quality(path: Path, ref: Path, vocab: int, seed: int = 0) -> dict:
 
 
 def decoder_quality(
-    path: Path, ref: Path, embed_ref: Path, text: dict, steps: int = 4, seed: int = 0
+    path: Path, ref: Path, embed_ref: Path, text: dict, steps: int = 14, seed: int = 0
 ) -> dict:
     """Prefill (batch 2, left padding) + `steps` decode steps, each graph on its own KV cache.
 
     Inputs are the fp32 embeddings of random token ids (real embedding statistics, unlike
-    Gaussian noise), the same for both graphs.
+    Gaussian noise), the same for both graphs. The decoder emits the last position's logits
+    only, so each step compares one row per sequence: 2 * (steps + 1) rows in all.
     """
     from export.text_graphs import empty_past
 
@@ -355,7 +357,7 @@ def decoder_quality(
         for sess, feed, sink in zip(sessions, feeds, (got, want), strict=True):
             feed |= {C.INPUTS_EMBEDS: emb, C.ATTENTION_MASK: mask, C.POSITION_IDS: pos}
             logits, *present = sess.run([C.LOGITS, *presents], feed)
-            sink.append(logits[mask[:, -emb.shape[1] :] == 1])  # (valid positions, V)
+            sink.append(logits[:, -1])  # (2, V): the last position, never padding
             feed |= dict(zip(pasts, present, strict=True))
         emb = embeds(1)
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)

@@ -121,6 +121,7 @@ def text_facts(llava) -> dict:
         C.T_BOS: cfg.bos_token_id,
         C.T_MAX_POS: cfg.max_position_embeddings,
         C.T_DTYPE: "float32",
+        C.T_LOGITS: C.LOGITS_LAST,  # both decoder routes: logits (batch_size, 1, vocab)
     }
 
 

@@ -83,6 +83,8 @@ def decoder_parity(lm: nn.Module, path: Path, steps: int = 3, seed: int = 0) -> 
     rows: real decoders put their massive activations on exactly such tokens, which random
     inputs never trigger. Every output (logits, each present) is compared relative to its own
     scale; above DECODER_RTOL the export fails. Returns {rel, abs}: the worst of each.
+    The graph's logits are the last position's (B, 1, V), compared with PyTorch's last
+    position; a graph whose logits have another shape fails.
     """
     from transformers import DynamicCache
 
@@ -120,8 +122,13 @@ def decoder_parity(lm: nn.Module, path: Path, steps: int = 3, seed: int = 0) -> 
                     past_key_values=cache,
                     use_cache=True,
                 )
-            refs = [ref.logits.numpy(), *cache_arrays(ref.past_key_values)]
+            last = ref.logits[:, -C.LOGITS_POSITIONS :].numpy()  # (B, 1, V)
+            refs = [last, *cache_arrays(ref.past_key_values)]
             for name, a, b in zip(out_names, got, refs, strict=True):
+                if a.shape != b.shape:
+                    raise ExportValidationError(
+                        f"decoder {name} has shape {a.shape}, expected {b.shape} at step {step}"
+                    )
                 rel = rel_diff(a, b)
                 worst["rel"] = max(worst["rel"], rel)
                 worst["abs"] = max(worst["abs"], float(np.abs(a - b).max()))

@@ -65,6 +65,11 @@ POSITION_IDS = "position_ids"
 LOGITS = "logits"
 PAST_PREFIX = "past_key_values"
 PRESENT_PREFIX = "present"
+# The decoder emits logits for the last position only: (batch_size, LOGITS_POSITIONS, vocab), a
+# literal 1 (not a symbolic axis) for prefill and decode alike, so lm_head runs on one row per
+# sequence. A client reading logits[:, -1] (ours, transformers.js) is unaffected; full-sequence
+# scoring needs one step per token. The manifest says so: text.logits = LOGITS_LAST.
+LOGITS_POSITIONS = 1
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -158,6 +163,7 @@ T_PAD = "pad_token_id"
 T_BOS = "bos_token_id"
 T_MAX_POS = "max_position_embeddings"
 T_DTYPE = "dtype"
+T_LOGITS = "logits"  # which positions the decoder's logits cover: LOGITS_LAST (absent: all, S)
 
 # prompt.*
 PR_TEMPLATE = "template"  # one user turn with the image, rendered, with PR_MARKER for the text
@@ -189,6 +195,7 @@ CROP_NONE = "none"
 # resize (offset floored): LlavaImageProcessor do_pad, LLaVA-1.5's expand2square.
 PAD_SQUARE = "square"
 PAD_NONE = "none"
+LOGITS_LAST = "last"  # text.logits: (batch_size, 1, vocab), the last position's only
 
 # Bundle variants (python -m export --dtype, make export DTYPE=...). Every variant keeps float32
 # graph inputs/outputs (as transformers.js ships them), so the runtime handles each unchanged.
@@ -198,3 +205,18 @@ DTYPE_INT8 = "int8"  # dynamic int8 quantisation (MatMulInteger; CPU kernels onl
 DTYPE_Q4 = "q4"  # 4-bit weight-only blocks of 32 (MatMulNBits, GatherBlockQuantized)
 DTYPE_Q4F16 = "q4f16"  # q4 weights over an fp16 graph
 DTYPES = (DTYPE_FP32, DTYPE_FP16, DTYPE_INT8, DTYPE_Q4, DTYPE_Q4F16)
+
+# --- the verification stamp (runtime/bundle.py): outside the bundle, never inside it ---------
+# A stamp records which listed files were hashed and their filesystem identity, so a later open
+# checks stat() only. It lives in the user's cache, ($XDG_CACHE_HOME or ~/.cache)/STAMP_CACHE_DIR/
+# <sha256 of the bundle's resolved path>.json, or, with no writable cache, beside the bundle as
+# <bundle>STAMP_SUFFIX.
+STAMP_CACHE_DIR = "svdprune-onnx/verified"
+STAMP_SUFFIX = ".verified.json"
+STAMP_VERSION = 1
+SK_VERSION = "stamp_version"
+SK_BUNDLE = "bundle"  # the bundle's resolved path: a stamp for another folder is ignored
+SK_MANIFEST = "manifest_sha256"  # of svdprune.json's bytes: a changed manifest voids the stamp
+SK_FILES = "files"  # {relative path: {sha256, size, mtime_ns, ctime_ns, ino, dev}}
+SK_SHA256 = "sha256"
+SK_STAT = ("size", "mtime_ns", "ctime_ns", "ino", "dev")  # os.stat_result st_<name>

@@ -5,8 +5,9 @@
             ─► embed_tokens ─► inputs_embeds (B,S,D) ◄─ scatter image_features at image tokens
     decoder: prefill (past = 0) ─► logits ─► pick ─► embed one token ─► decode step ... eos/limit
 
-The KV cache never leaves the decoder's device: presents come back as OrtValues through
-IOBinding and are bound as the next step's past (on CPU the same code path runs on host memory).
+`Pipeline.generate` is a thin loop over `runtime.generator.Generator`, which owns the sequence
+and the KV cache (on the decoder's device, through IOBinding) and also serves multi-turn chat:
+append tokens on top of the cache, generate the next token, rewind.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from runtime import contract as C
 from runtime.bundle import BundleError, load_manifest
+from runtime.generator import Generator
 from runtime.preprocess import ImageError
 from runtime.session import GRAPH_ROLES, SessionConfig, bundle_providers, device_of, open_session
 
@@ -153,92 +154,27 @@ class Pipeline:
         """
         t0 = time.perf_counter()
         if vision_out is None:
-            if self.static_batch is not None and len(pixels) != self.static_batch:
-                raise ImageError(
-                    f"{self.bundle.name}'s vision graph has a static batch of {self.static_batch} "
-                    f"(exported with --batch), got {len(pixels)} images; pass "
-                    f"{self.static_batch} per run, or re-export without --batch"
-                )
-            vision_out = self.vision.run(None, {C.PIXEL_VALUES: pixels})
+            vision_out = self.run_vision(pixels)
         feats, kept = vision_out  # (B,K,D), (B,K)
         t_vision = time.perf_counter()
-        B, S = len(prompts), max(len(p) for p in prompts)
-        max_pos = self.text[C.T_MAX_POS]
-        need = (
-            S
-            + s.max_new_tokens
-            + (self.m[C.KEY_PRUNING][C.P_N] - self.k)
-            * (self.m[C.KEY_PRUNING].get(C.P_POSITIONS) == C.POSITIONS_ORIGINAL)
-        )
-        if need > max_pos:
-            raise PromptError(
-                f"prompt of {S} tokens + {s.max_new_tokens} new tokens needs {need} positions, "
-                f"the model has {max_pos}; shorten the prompt or lower --max-new-tokens"
-            )
-        pad = self.text[C.T_PAD] if self.text[C.T_PAD] is not None else 0
-        ids = np.full((B, S), pad, np.int64)
-        mask = np.zeros((B, S), np.int64)
-        for b, p in enumerate(prompts):  # left padding keeps every row's last token at S-1
-            ids[b, S - len(p) :], mask[b, S - len(p) :] = p, 1
-        (embeds,) = self.embed.run(None, {C.INPUT_IDS: ids})  # (B,S,D)
-        img = ids == self.text[C.T_IMAGE_TOKEN_ID]
-        embeds[img] = feats.reshape(-1, feats.shape[-1])  # row-major: K per row, in order
-        pos = self.positions(ids, mask, kept)
-        t_embed = time.perf_counter()
-
-        binding = self.decoder.io_binding()
-        layers, kv, hd = self.text[C.T_LAYERS], self.text[C.T_KV_HEADS], self.text[C.T_HEAD_DIM]
-        empty = np.zeros((B, kv, 0, hd), np.float32)
-        for i in range(layers):
-            for name in C.past_names(i):
-                binding.bind_ortvalue_input(
-                    name, ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0)
-                )
-        out_names = [o.name for o in self.decoder.get_outputs()]
-        past_for = dict(
-            zip(
-                [n for i in range(layers) for n in C.present_names(i)],
-                [n for i in range(layers) for n in C.past_names(i)],
-                strict=True,
-            )
-        )
-        rng = np.random.default_rng(s.seed)
-        eos = set(self.text[C.T_EOS])
-        done = np.zeros(B, bool)
-        results = [Result(prompt_token_ids=list(map(int, ids[b][mask[b] == 1]))) for b in range(B)]
-        t_first = None
-        first_logits = None
-        in_graph = 0.0  # decode time spent inside the decoder graph; the rest is host overhead
-        for _step in range(s.max_new_tokens):
-            binding.bind_cpu_input(C.INPUTS_EMBEDS, np.ascontiguousarray(embeds))
-            binding.bind_cpu_input(C.ATTENTION_MASK, mask)
-            binding.bind_cpu_input(C.POSITION_IDS, np.ascontiguousarray(pos))
-            for name in out_names:
-                binding.bind_output(name, self.device)
-            t_run = time.perf_counter()
-            self.decoder.run_with_iobinding(binding)
-            if t_first is not None:
-                in_graph += time.perf_counter() - t_run
-            outs = binding.get_outputs()
-            logits = outs[0].numpy()[:, -1]  # only the last position crosses to the host
-            for name, value in zip(out_names[1:], outs[1:], strict=True):
-                binding.bind_ortvalue_input(past_for[name], value)  # stays on the device
-            tokens = pick(logits, s, rng)
+        gen = Generator(self, s, len(prompts))
+        gen.append_tokens(prompts, image=(feats, kept))  # embed + scatter + positions + prefill
+        embed_s = gen.embed_s
+        results = [Result(prompt_token_ids=gen.sequence(b)) for b in range(len(prompts))]
+        first_logits, t_first, in_graph_first = None, None, 0.0
+        while not gen.is_done():
+            live = ~gen.done
+            tokens = gen.generate_next_token()
             if t_first is None:
-                t_first, first_logits = time.perf_counter(), logits
-            for b in range(B):
-                if not done[b]:
-                    results[b].token_ids.append(int(tokens[b]))
-                    if on_token:
-                        on_token(b, int(tokens[b]))
-                    done[b] = int(tokens[b]) in eos
-            if done.all():
-                break
-            (embeds,) = self.embed.run(None, {C.INPUT_IDS: tokens.astype(np.int64)[:, None]})
-            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-            pos = pos[:, -1:] + 1
+                t_first, first_logits = time.perf_counter(), gen.logits
+                in_graph_first = gen.in_graph_s
+            if on_token:
+                for b in np.nonzero(live)[0]:
+                    on_token(int(b), int(tokens[b]))
         t_end = time.perf_counter()
+        eos = gen.eos
         for b, r in enumerate(results):
+            r.token_ids = gen.new_tokens[b]
             r.kept_indices = [int(i) for i in kept[b]]
             r.first_logits = first_logits[b]
             r.text = self.tokenizer.decode(
@@ -246,9 +182,20 @@ class Pipeline:
             )
             r.timings_ms = {
                 "vision": (t_vision - t0) * 1e3,
-                "embed": (t_embed - t_vision) * 1e3,  # embed_tokens + scatter + positions
-                "prefill": (t_first - t_embed) * 1e3,  # decoder over the prompt + first pick
+                "embed": embed_s * 1e3,  # embed_tokens + scatter of the prompt
+                "prefill": (t_first - t_vision - embed_s) * 1e3,  # positions, decoder, first pick
                 "decode": (t_end - t_first) * 1e3,
-                "decode_in_graph": in_graph * 1e3,
+                "decode_in_graph": (gen.in_graph_s - in_graph_first) * 1e3,
             }
         return results
+
+    def run_vision(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image_features (B,K,D), kept_indices (B,K)) from pixel_values (B,3,H,W)."""
+        if self.static_batch is not None and len(pixels) != self.static_batch:
+            raise ImageError(
+                f"{self.bundle.name}'s vision graph has a static batch of {self.static_batch} "
+                f"(exported with --batch), got {len(pixels)} images; pass "
+                f"{self.static_batch} per run, or re-export without --batch"
+            )
+        feats, kept = self.vision.run(None, {C.PIXEL_VALUES: pixels})
+        return feats, kept

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import BundleError
+from runtime.bundle import BundleError, load_manifest
 from runtime.generate import TTFT_STAGES, Pipeline, PromptError, Sampling
 from runtime.preprocess import ImageError, load_image, preprocess_batch
 from runtime.selftest import SelfTestError, ensure_selftest
@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--opt-level", choices=tuple(OPT_LEVELS), default="all")
     ap.add_argument("--fp16", action="store_true", help="TensorRT fp16 for the vision graph")
     ap.add_argument("--timings", action="store_true", help="TTFT, tokens/s and stage times")
+    ap.add_argument(
+        "--verify", action="store_true", help="hash every bundle file (default: once, then stat)"
+    )
     ap.add_argument("--json", action="store_true", help="one JSON object per answer on stdout")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap.parse_args(argv)
@@ -117,7 +120,10 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # 1. bundle: manifest (checksums verified), tokenizer, sessions on the chosen providers
     cfg = SessionConfig(args.provider, args.threads, args.opt_level, args.fp16)
+    if args.verify:  # the full check; Pipeline then finds every file in the fresh stamp
+        load_manifest(args.model, full=True)
     pipe = Pipeline(args.model, cfg)
+    load_ms = (time.perf_counter() - t0) * 1e3
     # the bundle's self-test, once per provider/precision (cached beside the bundle)
     ensure_selftest(pipe, cfg)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
@@ -130,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
     pixels = preprocess_batch([load_image(p) for p in args.image], pipe.m["vision"])
     preprocess_ms = (time.perf_counter() - t1) * 1e3
     if args.prompt is None and not args.jsonl:
-        return chat(pipe, pixels[:1], sampling)
+        return chat(pipe, pixels[:1], sampling, args.json, args.timings, preprocess_ms)
     # 3. prompt -> ids with K image tokens (one -p for every image, or one per --jsonl row)
     prompts = (
         [pipe.prompt_ids(t) for t in texts]
@@ -143,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
     total_ms = (time.perf_counter() - t0) * 1e3
     # 5. report
     for r in results:
-        extra = {"preprocess": preprocess_ms, "total": total_ms}
+        extra = {"load": load_ms, "preprocess": preprocess_ms, "total": total_ms}
         extra["ttft"] = preprocess_ms + sum(r.timings_ms[k] for k in TTFT_STAGES)
         if args.json:
             print(answer_json(r, extra), flush=True)
@@ -152,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
     if stream is not None:
         print(flush=True)
     if args.timings:
-        print_timings(results, preprocess_ms, total_ms)
+        print_timings(results, preprocess_ms, total_ms, load_ms)
     return 0
 
 
@@ -201,7 +207,7 @@ class StreamPrinter:
             self.shown = text
 
 
-def print_timings(results, preprocess_ms: float, total_ms: float) -> None:
+def print_timings(results, preprocess_ms: float, total_ms: float, load_ms: float = 0.0) -> None:
     r = results[0]
     t = r.timings_ms
     n = sum(len(x.token_ids) for x in results)
@@ -209,7 +215,8 @@ def print_timings(results, preprocess_ms: float, total_ms: float) -> None:
     ttft = preprocess_ms + sum(t[k] for k in TTFT_STAGES)
     tps = (steps - 1) / (t["decode"] / 1e3) if steps > 1 and t["decode"] > 0 else float("nan")
     print(
-        f"timings: preprocess {preprocess_ms:.1f} ms | vision+prune {t['vision']:.1f} ms | "
+        f"timings: load {load_ms:.1f} ms | preprocess {preprocess_ms:.1f} ms | "
+        f"vision+prune {t['vision']:.1f} ms | "
         f"embed {t['embed']:.1f} ms | prefill {t['prefill']:.1f} ms | "
         f"time to first token {ttft:.1f} ms | "
         f"decode {tps:.1f} tokens/s per sequence ({n} tokens, batch {len(results)}) | "
@@ -218,10 +225,25 @@ def print_timings(results, preprocess_ms: float, total_ms: float) -> None:
     )
 
 
-def chat(pipe: Pipeline, pixels: np.ndarray, sampling: Sampling) -> int:
-    """A small multi-turn chat on one image: each turn re-renders the conversation."""
+def chat(
+    pipe: Pipeline,
+    pixels: np.ndarray,
+    sampling: Sampling,
+    as_json: bool = False,
+    timings: bool = False,
+    preprocess_ms: float = 0.0,
+) -> int:
+    """A multi-turn chat on one image. The image features and the KV cache live across turns:
+    each turn renders the whole conversation with the chat template (the ids a fresh run would
+    feed), keeps the cached prefix it shares -- the earlier turns and the replies generated into
+    the cache -- and prefills only the rest, so every answer equals a fresh run's."""
     from runtime.chat import render
+    from runtime.generator import Generator
 
+    t0 = time.perf_counter()
+    image = pipe.run_vision(pixels)  # once per chat
+    vision_ms = (time.perf_counter() - t0) * 1e3
+    gen = Generator(pipe, sampling, 1)
     messages: list[dict] = []
     for line in _stdin_lines():
         question = line.strip()
@@ -230,10 +252,50 @@ def chat(pipe: Pipeline, pixels: np.ndarray, sampling: Sampling) -> int:
         if question in ("/exit", "/quit"):
             break
         messages.append({"role": "user", "text": question})
+        t_turn = time.perf_counter()
         ids = pipe.encode_with_image(render(pipe, messages))
-        (r,) = pipe.generate(pixels, [ids], sampling)
-        print(r.text, flush=True)
-        messages.append({"role": "assistant", "text": r.text})
+        t_prompt = time.perf_counter()
+        embed_s = gen.embed_s
+        prefilled = gen.resume(ids, image)
+        stream = StreamPrinter(pipe) if not as_json else None
+        t_first = None
+        while not gen.is_done():
+            (token,) = gen.generate_next_token()
+            t_first = t_first or time.perf_counter()
+            if stream:
+                stream(0, int(token))
+        t_end = time.perf_counter()
+        tokens = gen.new_tokens[0]
+        text = pipe.tokenizer.decode(
+            [t for t in tokens if t not in gen.eos], skip_special_tokens=True
+        )
+        embed_ms = (gen.embed_s - embed_s) * 1e3  # the prefill's (decode steps come after)
+        turn_ms = {
+            "preprocess": preprocess_ms if len(messages) == 1 else 0.0,
+            "vision": vision_ms if len(messages) == 1 else 0.0,
+            "prompt": (t_prompt - t_turn) * 1e3,  # chat template + tokenizer
+            "embed": embed_ms,
+            "prefill": (t_first - t_prompt) * 1e3 - embed_ms,  # decoder + first pick
+            "decode": (t_end - t_first) * 1e3,
+        }
+        turn_ms["ttft"] = sum(turn_ms.values()) - turn_ms["decode"]
+        n, decode_s = len(tokens), turn_ms["decode"] / 1e3
+        tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else None
+        if as_json:
+            turn = {"turn": len(messages) // 2 + 1, "text": text, "token_ids": tokens}
+            turn |= {"prompt_token_ids": ids, "prefill_tokens": prefilled}
+            turn |= {"cached_tokens": len(ids) - prefilled}  # reused from the KV cache
+            print(json.dumps(turn | {"timings_ms": turn_ms, "tokens_per_s": tps}), flush=True)
+        else:
+            print(flush=True)
+        if timings:
+            print(
+                f"turn {len(messages) // 2 + 1}: prefill {prefilled} tokens "
+                f"({len(ids) - prefilled} cached) | time to first token {turn_ms['ttft']:.1f} ms"
+                f" | decode {tps or float('nan'):.1f} tokens/s ({n} tokens)",
+                file=sys.stderr,
+            )
+        messages.append({"role": "assistant", "text": text})
     return 0
 
 

@@ -58,7 +58,7 @@ def test_graph_contract(exported) -> None:
         *((name, [b, kv, p, hd]) for i in layers for name in C.past_names(i)),
     ]
     want_out = [
-        (C.LOGITS, [b, s, cfg.vocab_size]),
+        (C.LOGITS, [b, C.LOGITS_POSITIONS, cfg.vocab_size]),  # the last position only
         *((name, [b, kv, t, hd]) for i in layers for name in C.present_names(i)),
     ]
     assert [(vi.name, dims(vi)) for vi in model.graph.input] == want_in
@@ -96,7 +96,9 @@ def test_prefill_and_decode_match_pytorch(exported, batch: int, prompt: int, pad
         cache = ref.past_key_values
         feeds = {C.INPUTS_EMBEDS: embeds.numpy(), C.ATTENTION_MASK: mask.numpy()}
         outs = sess.run(None, {**feeds, C.POSITION_IDS: positions.numpy(), **past})
-        refs = [ref.logits] + [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        refs = [ref.logits[:, -1:]] + [
+            t for layer in cache.layers for t in (layer.keys, layer.values)
+        ]
         assert len(outs) == len(refs)
         for out, want in zip(outs, refs, strict=True):
             np.testing.assert_allclose(out, want.numpy(), atol=ATOL, rtol=0)

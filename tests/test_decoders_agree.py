@@ -34,6 +34,7 @@ def test_both_exporters_agree(tiny_siglip: Path, tmp_path: Path) -> None:
         for n in ("optimum", "torch")
     )
     assert _io(a) == _io(b), "names and symbolic axes must be identical"
+    assert _io(a)[1][C.LOGITS] == [C.AXIS_BATCH, C.LOGITS_POSITIONS, lm.config.vocab_size]
     cfg = lm.config
     rng = np.random.default_rng(0)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -45,7 +46,9 @@ def test_both_exporters_agree(tiny_siglip: Path, tmp_path: Path) -> None:
         C.POSITION_IDS: np.clip(np.cumsum(mask, 1) - 1, 0, None),
     }
     names = [o.name for o in a.get_outputs()]
-    for x, y in zip(a.run(names, feed), b.run(names, feed), strict=True):
+    outs_a, outs_b = a.run(names, feed), b.run(names, feed)
+    assert outs_a[0].shape == (2, 1, cfg.vocab_size), "a prefill of 5 emits the last position"
+    for x, y in zip(outs_a, outs_b, strict=True):
         assert rel_diff(x, y) <= DECODER_RTOL
 
 

@@ -43,6 +43,7 @@ def test_bundle_layout_and_manifest(bundle: Path) -> None:
     assert t[C.T_IMAGE_TOKEN_ID] == 4 and t[C.T_IMAGE_TOKENS] == 16
     assert (t[C.T_HIDDEN], t[C.T_LAYERS], t[C.T_KV_HEADS], t[C.T_HEAD_DIM]) == (64, 2, 2, 16)
     assert t[C.T_EOS] == [2] and t[C.T_PAD] == 3 and t[C.T_MAX_POS] == 2048
+    assert t[C.T_LOGITS] == C.LOGITS_LAST
     pr = m[C.KEY_PROMPT]
     assert pr[C.PR_TEMPLATE].count(pr[C.PR_IMAGE]) == 1 and pr[C.PR_MARKER] in pr[C.PR_TEMPLATE]
     assert m[C.KEY_PRUNING][C.P_POSITIONS] == C.POSITIONS_COMPACT
@@ -83,7 +84,7 @@ def test_text_graph_contract(bundle: Path) -> None:
     assert ins.pop(C.INPUTS_EMBEDS) == [C.AXIS_BATCH, C.AXIS_SEQ, 64]
     assert ins.pop(C.ATTENTION_MASK) == [C.AXIS_BATCH, C.AXIS_TOTAL]
     assert ins.pop(C.POSITION_IDS) == [C.AXIS_BATCH, C.AXIS_SEQ]
-    assert outs.pop(C.LOGITS) == [C.AXIS_BATCH, C.AXIS_SEQ, 1000]
+    assert outs.pop(C.LOGITS) == [C.AXIS_BATCH, C.LOGITS_POSITIONS, 1000]  # last position
     for i in range(2):
         for name in C.past_names(i):
             assert ins.pop(name) == [C.AXIS_BATCH, 2, C.AXIS_PAST, 16]
