@@ -39,6 +39,9 @@ def _tree(base: str, root: Path) -> Path:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, check=True)
     root.mkdir(parents=True, exist_ok=True)
     subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=REPO, check=True)
+    shared = root / "shared"  # the worktree finds ../shared/data as the repo does
+    if not shared.exists():
+        shared.symlink_to(REPO.parent / "shared")
     return path
 
 

@@ -136,7 +136,7 @@ def main(args: argparse.Namespace) -> Path:
         text_facts,
         vision_section,
     )
-    from export.photos import validation_batches
+    from export.photos import synthetic_photo, validation_batches
     from export.processor import check_runtime_pixels
     from export.text_graphs import decoder_parity, embed_parity, export_embed
     from export.transformersjs import adapt_for_transformersjs
@@ -185,7 +185,7 @@ def main(args: argparse.Namespace) -> Path:
     # Read the photos now: a bad -i path fails before minutes of export, not after.
     photos = args.image or sorted(SHARED_IMAGES.glob("*"))
     # the device self-test's photos (a static vision graph takes exactly its own batch)
-    small = reference_images(photos, args.batch or 2)
+    small = reference_images(photos or [synthetic_photo()], args.batch or 2)
     pixel_check = check_runtime_pixels(processor, vision_section(model, processor), photos, small)
     batches = validation_batches(processor, photos, big=max(3, args.batch or 0))
     if args.batch:  # a static graph is validated on batches of exactly its size

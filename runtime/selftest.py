@@ -43,12 +43,15 @@ class SelfTestError(RuntimeError):
     """This provider/precision does not reproduce the bundle's reference; says what to do."""
 
 
-def reference_images(paths: Sequence, n: int) -> list[Image.Image]:
-    """The self-test's photos: the first `n` of `paths` (cycled), downscaled to at most SIDE px
-    on the long side so the bundle carries them cheaply."""
+def reference_images(sources: Sequence, n: int) -> list[Image.Image]:
+    """The self-test's photos: the first `n` of `sources` (paths or PIL images, cycled),
+    downscaled to at most SIDE px on the long side so the bundle carries them cheaply."""
+    if not sources:
+        raise ValueError("the self-test needs at least one image")
     images = []
     for i in range(n):
-        image = load_image(paths[i % len(paths)])
+        src = sources[i % len(sources)]
+        image = src.copy() if isinstance(src, Image.Image) else load_image(src)
         image.thumbnail((SIDE, SIDE), Image.Resampling.BICUBIC)
         images.append(image)
     return images

@@ -150,3 +150,14 @@ def test_failure_without_a_fallback_is_an_error(tmp_path, monkeypatch) -> None:
     with pytest.raises(st.SelfTestError, match="--provider cpu"):
         st.ensure_selftest(pipe, SessionConfig(provider="cpu"))
     assert reopened == []
+
+
+def test_reference_images_take_paths_or_pictures(photo_paths) -> None:
+    from PIL import Image
+
+    picture = Image.new("RGB", (1000, 500), (10, 20, 30))
+    images = st.reference_images([photo_paths[0], picture], 3)  # cycled
+    assert [max(im.size) <= st.SIDE for im in images] == [True] * 3
+    assert images[1].size == (st.SIDE, st.SIDE // 2) and picture.size == (1000, 500)
+    with pytest.raises(ValueError, match="at least one image"):
+        st.reference_images([], 2)
