@@ -33,7 +33,7 @@ from runtime.preprocess import load_image, preprocess, resize_size
 REPO = Path(__file__).resolve().parents[1]
 NODE_DIR = REPO / "examples" / "node"
 NODE_FILES = ("package.json", "package-lock.json")
-NODE_SCRIPTS = ("greedy_ids.mjs", "answer.mjs", "preprocess.mjs", "agreement.mjs")
+NODE_SCRIPTS = ("greedy_ids.mjs", "answer.mjs", "bundle.mjs", "preprocess.mjs", "agreement.mjs")
 SHARED = REPO.parent / "shared" / "data"
 OUT = REPO / "build" / "tjs-agreement"
 
@@ -74,9 +74,8 @@ def node_cache() -> Path:
             raise RuntimeError(f"npm ci failed in {tmp}:\n{proc.stderr[-3000:]}")
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)
-    for (
-        script
-    ) in NODE_SCRIPTS:  # beside node_modules, so `import '@huggingface/transformers'` resolves
+    # beside node_modules, so `import '@huggingface/transformers'` resolves
+    for script in NODE_SCRIPTS:
         shutil.copy2(NODE_DIR / script, cache / script)
     return cache
 

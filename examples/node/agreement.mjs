@@ -14,19 +14,13 @@
 //   (preprocess.mjs with transformers.js's float64 rescale / normalise).
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import path from 'node:path';
-import { env, AutoProcessor, LlavaForConditionalGeneration, RawImage, Tensor } from '@huggingface/transformers';
+import { RawImage, Tensor } from '@huggingface/transformers';
+import { openBundle } from './bundle.mjs';
 import { centerCrop, normalise, pixelValues, resizeRGB, resizeSize, toRGB } from './preprocess.mjs';
 
 const [requestPath, outPath] = process.argv.slice(2);
 const req = JSON.parse(fs.readFileSync(requestPath, 'utf8'));
-const bundle = path.resolve(req.bundle);
-env.localModelPath = path.dirname(bundle) + path.sep;
-env.allowRemoteModels = false;
-const id = path.basename(bundle);
-const { vision } = JSON.parse(fs.readFileSync(path.join(bundle, 'svdprune.json'), 'utf8'));
-const processor = await AutoProcessor.from_pretrained(id);
-const model = await LlavaForConditionalGeneration.from_pretrained(id);
+const { processor, model, vision } = await openBundle(req.bundle);
 const session = model.sessions.vision_encoder; // onnxruntime-node session as transformers.js made it
 
 const [H, W] = vision.image_size;

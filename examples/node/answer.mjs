@@ -7,9 +7,8 @@
 // image tokens, and the vision graph emits the K kept tokens' features. preprocess.mjs replaces
 // transformers.js's image preprocessing (sharp's resize) with the runtime's, so the pruning graph
 // sees the device's pixels and keeps the device's tokens.
-import fs from 'node:fs';
-import path from 'node:path';
-import { env, AutoProcessor, LlavaForConditionalGeneration, RawImage } from '@huggingface/transformers';
+import { RawImage } from '@huggingface/transformers';
+import { openBundle } from './bundle.mjs';
 import { useBundlePreprocessing } from './preprocess.mjs';
 
 const [bundleArg, imagePath, question = 'What is in the image?', maxNew = '64'] = process.argv.slice(2);
@@ -18,16 +17,8 @@ if (!bundleArg || !imagePath) {
     process.exit(2);
 }
 
-// Local folder only: the model id is the bundle's folder name under env.localModelPath.
-const bundle = path.resolve(bundleArg);
-env.localModelPath = path.dirname(bundle) + path.sep;
-env.allowRemoteModels = false;
-const id = path.basename(bundle);
-
-const processor = await AutoProcessor.from_pretrained(id);
-const { vision } = JSON.parse(fs.readFileSync(path.join(bundle, 'svdprune.json'), 'utf8'));
+const { processor, model, vision } = await openBundle(bundleArg);
 useBundlePreprocessing(processor, vision);
-const model = await LlavaForConditionalGeneration.from_pretrained(id); // dtype from config.json
 
 const messages = [{ role: 'user', content: [{ type: 'image' }, { type: 'text', text: question }] }];
 const prompt = processor.apply_chat_template(messages, { add_generation_prompt: true });

@@ -9,27 +9,14 @@
 //   answer.mjs builds them: preprocess.mjs pixels), pixel_max/mean_abs_diff (processor pixels vs
 //   the given ones). One process serves all items.
 import fs from 'node:fs';
-import path from 'node:path';
-import {
-    env,
-    AutoProcessor,
-    LlavaForConditionalGeneration,
-    RawImage,
-    Tensor,
-} from '@huggingface/transformers';
+import { RawImage, Tensor } from '@huggingface/transformers';
+import { openBundle } from './bundle.mjs';
 import { useBundlePreprocessing } from './preprocess.mjs';
 
 const [requestPath, outPath] = process.argv.slice(2);
 const req = JSON.parse(fs.readFileSync(requestPath, 'utf8'));
-
-const bundle = path.resolve(req.bundle);
-env.localModelPath = path.dirname(bundle) + path.sep;
-env.allowRemoteModels = false;
-const id = path.basename(bundle);
-const processor = await AutoProcessor.from_pretrained(id);
-const { vision } = JSON.parse(fs.readFileSync(path.join(bundle, 'svdprune.json'), 'utf8'));
+const { processor, model, vision } = await openBundle(req.bundle);
 useBundlePreprocessing(processor, vision); // the runtime's pixels, as answer.mjs does
-const model = await LlavaForConditionalGeneration.from_pretrained(id);
 const gen = { max_new_tokens: req.max_new_tokens, do_sample: false };
 
 /** New token ids of a batch-1 generate call. */
