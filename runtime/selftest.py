@@ -98,7 +98,7 @@ def _digest(pixels: np.ndarray) -> str:
 def _run(pipe, pixels: np.ndarray, prompt: np.ndarray, sampling) -> tuple:
     """One vision batch (a static graph's own size), then each photo's greedy answer alone:
     kept (B,K), feats (B,K,D), tokens (B, T) padded with -1 after an early eos."""
-    feats, kept = pipe.vision.run(None, {C.PIXEL_VALUES: pixels})
+    feats, kept = pipe.run_vision(pixels)
     tokens, margins = [], []
     for i in range(len(pixels)):
         out = (feats[i : i + 1], kept[i : i + 1])
