@@ -3,17 +3,18 @@
 Random weights give smooth, well-conditioned activations, which hide the numerics that break
 exports of real models. Two edits, in place and deterministic, reproduce the two that matter:
 
-  vision tower (CLIP-L, SigLIP):   a few "high-norm" tokens, 10-100x the median token norm,
-                                   in flat, low-information patches (sky, walls), at the layer
+  vision tower (CLIP-L, SigLIP):   a few "high-norm" tokens per image, 10-100x the median token
+                                   norm (their size varying with the content), at the layer
                                    LLaVA reads its features from
   language model (Llama, Qwen2):   "massive activations": a few hidden units of the residual
                                    stream 100-1000x the rest, at the first token (BOS)
 
-    tower layer L_sel-1 MLP:  fc1[j] = a·w, bias[j] = -a·t   (fires where w·LN(h) > t)
+    position embeddings:      OUTLIER_TOKENS positions get a push along a fresh direction w
+    tower layer L_sel-1 MLP:  fc1[j] = a·w, bias[j] = -a·t   (fires where w·LN(h) > t, t
+                              mid-way between pushed and other tokens on calibration images)
                               fc2[:, j] = m·u               (adds a huge vector along u)
-        w = direction of flat-patch tokens, t = calibrated quantile -> ~1-3 % of tokens
 
-    decoder layer 0 MLP:      gate[j] = up[j] = a·v, down[:, j] = M·e_dim
+    decoder layer 0 MLP:      gate[j] = up[j] = a·v, down[MASSIVE_UNITS, j] = ±M
         v = a direction only the BOS embedding has (other rows are made orthogonal to it)
 
 The calibration images are made here from a seed (no data files), so a build stays offline and
