@@ -52,17 +52,19 @@ UNPRUNED = "(a) none K=576"
 def vision_graphs(quick: bool) -> dict[str, PruneConfig]:
     """name -> config: (a) unpruned, (b) uniform at each K, (c) leverage at the defaults."""
     cfgs = [PruneConfig(k=N, n=N, method="none"), PruneConfig(k=16, n=N, method="uniform")]
-    cfgs += [PruneConfig(k=16, n=N)]  # the shipped defaults (gram)
+    cfgs += [PruneConfig(k=16, n=N), PruneConfig(k=16, n=N, method="gram")]  # shipped: purify
     if not quick:
         cfgs.insert(2, PruneConfig(k=64, n=N, method="uniform"))
-        cfgs += [PruneConfig(k=64, n=N), PruneConfig(k=16, n=N, method="power")]
+        cfgs += [PruneConfig(k=64, n=N, rank=64), PruneConfig(k=64, n=N, method="gram", rank=64)]
+        cfgs += [PruneConfig(k=16, n=N, method="power")]
     role = {"none": "(a)", "uniform": "(b)"}
-    return {f"{role.get(c.method, '(c)')} {c.method} K={c.k}": c for c in cfgs}
+    name = lambda c: f"{role.get(c.method, '(c)')} {c.method} K={c.k}" + f" r={c.rank}" * (c.method not in role)  # noqa: E731
+    return {name(c): c for c in cfgs}
 
 
 def describe(cfg: PruneConfig) -> str:
     """The scoring parameters of a leverage config, '-' for the others."""
-    if cfg.method not in ("power", "gram"):
+    if cfg.method not in ("purify", "power", "gram"):
         return "-"
     os_ = f" os={cfg.oversample}" if cfg.method == "gram" else ""
     return f"r={cfg.rank} it={cfg.iterations} center={ok(cfg.center)}{os_}"
@@ -116,10 +118,10 @@ def time_session(sess: ort.InferenceSession, feed: dict, budget_s: float = 2.0) 
 
 def subgraph_settings(graphs: dict[str, PruneConfig], quick: bool) -> list[PruneConfig]:
     """The (c) graphs' configs, then r = K = 64 and the fidelity benchmark's recommendation."""
-    cfgs = [c for c in graphs.values() if c.method in ("gram", "power")]
+    cfgs = [c for c in graphs.values() if c.method in ("purify", "gram", "power")]
     if quick:
         return cfgs
-    cfgs += [PruneConfig(k=64, n=N, method=m, rank=64) for m in ("gram", "power")]
+    cfgs += [PruneConfig(k=64, n=N, method=m, rank=64) for m in ("purify", "gram", "power")]
     fid = models.BENCH_DIR / "fidelity.json"
     rec = json.loads(fid.read_text()).get("recommended") if fid.is_file() else None
     if rec:

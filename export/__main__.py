@@ -43,7 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--rank", help=f"leverage rank r, or 'k' (default {d.rank}, clamped to K when K is smaller)"
     )
-    ap.add_argument("--iters", type=int, default=d.iterations, help="products with the Gram matrix")
+    ap.add_argument(
+        "--iters", type=int, default=None,
+        help="iterations (purify: (N, N) products, default 24; power/gram: products with the "
+        "Gram matrix, default 16)",
+    )  # fmt: skip
     ap.add_argument("--oversample", type=int, default=d.oversample, help="extra columns (gram)")
     ap.add_argument("--center", choices=("on", "off"), default="on" if d.center else "off")
     ap.add_argument("--score", choices=C.SCORED_CHOICES, default=d.scored_features)

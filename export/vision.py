@@ -70,11 +70,30 @@ def export_vision(
             raise ValueError(f"unknown exporter {exporter!r}; choose from {EXPORTERS}")
     model = onnx.load(str(path))
     _fix_output_shapes(model, module.prune.k, module.out_dim, batch)
+    _constants_to_initializers(model)
     onnx.save(model, str(path))
     onnx.checker.check_model(model, full_check=True)
     bad = sorted({n.op_type for n in model.graph.node} & FORBIDDEN_OPS)
     if bad:
         raise ExportValidationError(f"vision graph contains control flow {bad}; cannot ship it")
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Top-level Constant nodes -> initializers: the traced graph holds one Constant node per
+    scalar literal (hundreds in the pruning steps); as initializers they are data, not nodes
+    for the session to plan and the node count reflects the ops that run."""
+    keep = []
+    for node in model.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and len(node.attribute) == 1:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 def _fix_output_shapes(model: onnx.ModelProto, k: int, dim: int, batch: int | None) -> None:

@@ -8,6 +8,9 @@ singular *subspace*, so any orthonormal basis Q of it gives the same l_i = ||Q[i
 only MatMul, elementwise, reduction and concat ops with Python-unrolled fixed iteration counts, so
 the ONNX graph has no Loop/If/Scan and no SVD/QR/inverse (ONNX has none):
 
+  purify  the rank-r spectral projector of G = X X^T by trace-correcting purification (SP2):
+          one (N, N) MatMul per step, no basis and no orthonormalisation, so the graph has
+          ~10 nodes per step whatever r is (the default: about 300 nodes in all)
   power   subspace iteration on G = X X^T, orthonormalised (CGS2) after every step
   gram    oversampled subspace iteration with a degree-2 Chebyshev filter whose cut-off is
           re-estimated every step from the Rayleigh quotient of the last oversampling column;
@@ -16,7 +19,8 @@ the ONNX graph has no Loop/If/Scan and no SVD/QR/inverse (ONNX has none):
           are zeroed and the cut-off comes from the live ones: exact scores for k <= r, and
           still oversampled for r < k < p (see cheb_basis).
 
-G is never formed: G @ Q = X @ (X^T @ Q) costs 4·N·d·p flops instead of 2·N²·d.
+power and gram never form G: G @ Q = X @ (X^T @ Q) costs 4·N·d·p flops instead of 2·N²·d.
+Their graphs unroll Gram-Schmidt over the p columns, so they grow with r x iterations.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from __future__ import annotations
 import torch
 
 EXACT = "exact"
+PURIFY = "purify"
 POWER = "power"
 GRAM = "gram"
-APPROX_METHODS = (POWER, GRAM)
+APPROX_METHODS = (PURIFY, POWER, GRAM)
+SUBSPACE_METHODS = (POWER, GRAM)  # iterate an (N, p) block from a fixed-seed start
 LEVERAGE_METHODS = (EXACT, *APPROX_METHODS)
 
 # A column whose norm falls below this fraction of its norm before orthogonalisation is
@@ -39,6 +45,15 @@ DROP_TOL = 1e-5
 # of real CLIP-L features >= ~9e-5 (r = 64, no centring): 1e-6 sits between, with margin both ways.
 LIVE_TOL = 1e-6
 _TINY = 1e-30
+# Iterations when none are given (`make bench-fidelity` picked them: README). purify counts
+# (N, N) products, power and gram products with G (each two (N, d) x (d, p) MatMuls).
+DEFAULT_ITERATIONS = {PURIFY: 24, POWER: 16, GRAM: 16}
+# purify: at most this many doublings before the first squaring step (see purify_scores).
+# 2^-16 ~ 1.5e-5: directions with lambda below that fraction of ||G||_F are numerically absent
+# (float32 noise in G sits at ~1e-7, genuine directions of real CLIP-L features >= ~9e-5).
+MAX_LIFT = 16
+# purify: McWeeny steps 3P^2 - 2P^3 that finish it (they round eigenvalues to 0 or 1).
+N_MCWEENY = 2
 
 
 def prepare(X: torch.Tensor, center: bool) -> torch.Tensor:
@@ -194,6 +209,67 @@ def cheb_basis(X: torch.Tensor, start: torch.Tensor, rank: int, iters: int) -> t
     return torch.where(live, _take_columns(Q, keep), 0.0)
 
 
+def _trace(P: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    # (B, N, N) -> (B, 1, 1): Mul + ReduceSum (TensorRT's Einsum has no diagonal).
+    return (P * eye).sum(dim=(1, 2), keepdim=True)
+
+
+def purify_scores(X: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
+    """Leverage as the diagonal of the rank-r spectral projector of G. (B, N, d) -> (B, N).
+
+    l_i = (U_r U_r^T)_ii, and U_r U_r^T = step(G) with the step between lambda_r and
+    lambda_{r+1}. SP2 purification (Niklasson 2002) builds it from polynomials of G without
+    knowing where the step goes: both maps keep [0, 1] in [0, 1], x^2 lowers the trace and
+    2x - x^2 raises it, so choosing by the trace moves the threshold until exactly r
+    eigenvalues end at 1. Each step is one (N, N) MatMul, and its node count is independent of r:
+
+        P = G / ||G||_F                     eigenvalues lambda_j / ||G||_F in [0, 1]
+        repeat `iters` times:
+            P2 = P @ P,  t = trace(P)
+            w  = 0 if t > r                 P <- P^2        (square: trace down)
+                 2 otherwise                P <- 2P - P^2   (double: trace up)
+                 1 after MAX_LIFT doublings  P <- P          (held: see below)
+            P  = P2 + w (P - P2)
+        2 x  P = 3P^2 - 2P^3               McWeeny: eigenvalues within 1/2 of 0 or 1 snap there
+        l = diag(P)
+
+    Rank-deficient X (numerical rank k < r: a blank page, a flat sky) can never reach trace r:
+    every step doubles, and doubling also doubles the float32 noise that stands in for G's
+    zero eigenvalues (~1e-7 ||G||), so after ~23 steps the noise would fill the missing trace
+    with random directions. So after MAX_LIFT doublings in a row P is held instead: by then
+    every direction with lambda >= 2^-MAX_LIFT ||G||_F sits near 1 and the noise below 0.01,
+    and McWeeny sends the two to exactly 1 and 0: the scores are the exact rank-k leverage and
+    sum to k. (k = r reaches the trace r only from below, and noise can trigger one squaring:
+    the limit counts doublings since the last squaring, not since the start.) A full-rank X
+    squares within the first ~12 steps and then alternates, so it is never held. X = 0 gives P = 0 and
+    all scores 0. Eigenvalues that tie at the threshold (lambda_r ~ lambda_r+1) may end between
+    0 and 1: the scores then share that direction, as any basis of a tied subspace would.
+    """
+    n = X.shape[1]
+    # Constants made once, so the traced graph holds one node per value, not one per use.
+    eye = torch.eye(n, dtype=X.dtype, device=X.device)  # (N, N)
+    zero, one, two, three = (torch.tensor(v, dtype=X.dtype, device=X.device) for v in (0, 1, 2, 3))
+    target = torch.tensor(float(rank), dtype=X.dtype, device=X.device)
+    G = X @ X.transpose(1, 2)  # (B, N, N)
+    P = G / G.square().sum(dim=(1, 2), keepdim=True).sqrt().clamp_min(_TINY)  # ||G||_F >= lambda_1
+    # Step of the last squaring, (B, 1, 1); -1: none yet. Doublings in a row before step s
+    # = s - 1 - last, so a step may double while last > s - 1 - MAX_LIFT.
+    last = torch.full_like(P[:, :1, :1], -1.0)
+    for step in range(iters):
+        P2 = P @ P
+        sq = (P * eye).sum(dim=(1, 2), keepdim=True) > target  # trace(P) > r: (B, 1, 1)
+        lift = two
+        if step >= MAX_LIFT:
+            lift = torch.where(last > step - 1 - MAX_LIFT, two, one)
+        P = P2 + torch.where(sq, zero, lift) * (P - P2)
+        if MAX_LIFT < iters and step < iters - 1:  # read only by steps >= MAX_LIFT
+            last = torch.where(sq, torch.tensor(float(step)), last)
+    for _ in range(N_MCWEENY):
+        P2 = P @ P
+        P = three * P2 - two * (P2 @ P)
+    return (P * eye).sum(dim=-1)  # diag(P): (B, N)
+
+
 def exact_leverage(X: torch.Tensor, rank: int) -> torch.Tensor:
     """Reference rank-r leverage from float64 SVD: (B, N, d) -> (B, N) float64.
 
@@ -235,6 +311,8 @@ def leverage(
         return exact_leverage(Xp, rank)
     if method not in APPROX_METHODS:
         raise ValueError(f"unknown leverage method {method!r}; choose from {LEVERAGE_METHODS}")
+    if method == PURIFY:
+        return purify_scores(Xp, rank, iters)
     if start is None:
         start = start_block(X.shape[1], block_width(method, rank, oversample, X.shape[1]), seed)
     Q = power_basis(Xp, start, iters) if method == POWER else cheb_basis(Xp, start, rank, iters)

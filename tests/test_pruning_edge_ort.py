@@ -31,19 +31,22 @@ from svdprune_onnx import select as S
 from tests.test_leverage import RANK_KINDS, check_rank_deficient, rank_k, well_defined
 
 N, GRID, D, K, RANK = 64, (8, 8), 12, 8, 4
-METHODS = ("gram", "power", S.NORM)
+METHODS = ("purify", "gram", "power", S.NORM)
+LEVERAGE = ["purify", "gram", "power"]
 
 
 class PruneGraph(nn.Module):
     """Scoring + fixed-K selection alone: feats (B, N, D) -> scores (B, N), kept (B, K).
 
-    Small and fast by default (N=64 on an 8x8 grid, K=8, r=4, 4 iterations); `cfg` and `grid`
-    give another size, e.g. the shipped rank / oversampling / iterations.
+    Small and fast by default (N=64 on an 8x8 grid, K=8, r=4, 4 iterations; purify its own
+    default, as its steps are cheap at N=64); `cfg` and `grid` give another size, e.g. the
+    shipped rank / oversampling / iterations.
     """
 
     def __init__(self, method: str, cfg: S.PruneConfig | None = None, grid=GRID) -> None:
         super().__init__()
-        self.cfg = cfg or S.PruneConfig(k=K, n=N, method=method, rank=RANK, iterations=4)
+        iters = None if method == lev.PURIFY else 4
+        self.cfg = cfg or S.PruneConfig(k=K, n=N, method=method, rank=RANK, iterations=iters)
         self.register_buffer("priority", S.spatial_priority(self.cfg.n, grid, self.cfg.k))
         const = S.score_constant(self.cfg)
         self.register_buffer("const", const if const is not None else torch.zeros(0))
@@ -129,7 +132,7 @@ def test_ort_pruning_edge_cases(graphs, x: np.ndarray, method: str) -> None:
     assert np.isfinite(ref_scores.numpy()).all()
 
 
-@pytest.mark.parametrize("method", ["gram", "power"])
+@pytest.mark.parametrize("method", LEVERAGE)
 def test_degenerate_features_keep_the_uniform_grid_in_ort(graphs, method: str) -> None:
     """All-zero, all-NaN and all-equal features: every score ties -> the spatial grid."""
     _, uniform = graphs[S.NORM]
@@ -162,18 +165,19 @@ def _rank_deficient_in_ort(module: PruneGraph, sess, grid, d: int, converged: bo
     check_rank_deficient(scores_t, kept_t, exact, ranks, cfg.rank, cfg.method, grid, converged)
 
 
-@pytest.mark.parametrize("method", ["gram", "power"])
+@pytest.mark.parametrize("method", LEVERAGE)
 def test_rank_deficient_features_in_ort(graphs, method: str) -> None:
     """The small graphs (r = 4, 4 iterations): exact up to rank r, no noise column beyond."""
     _rank_deficient_in_ort(*graphs[method], GRID, D, converged=False)
 
 
-def test_rank_deficient_features_in_ort_at_defaults(tmp_path) -> None:
-    """`gram` at the shipped rank / oversampling / iterations (r = 8, p = 12, 16 iterations) on
-    a 12x12 grid: also close to exact for r < rank <= p."""
+@pytest.mark.parametrize("method", ["purify", "gram"])
+def test_rank_deficient_features_in_ort_at_defaults(tmp_path, method: str) -> None:
+    """The shipped rank / iterations (r = 8; gram: p = 12, 16 iterations; purify: 24 steps) on
+    a 12x12 grid: also close to exact for r < rank <= 12."""
     n, grid, d = 144, (12, 12), 32  # d >= p, so every rank up to p exists
-    module = PruneGraph("gram", S.PruneConfig(k=16, n=n, method="gram"), grid).eval()
-    path = _export(module, torch.zeros(2, n, d), tmp_path / "gram.onnx", ["f", "s", "k"])
+    module = PruneGraph(method, S.PruneConfig(k=16, n=n, method=method), grid).eval()
+    path = _export(module, torch.zeros(2, n, d), tmp_path / f"{method}.onnx", ["f", "s", "k"])
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     _rank_deficient_in_ort(module, sess, grid, d, converged=True)
 

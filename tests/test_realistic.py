@@ -82,7 +82,7 @@ def test_massive_activations_at_bos(realistic_clip: Path) -> None:
     assert h[1:].abs().max() <= 20 * median  # other tokens: ordinary
 
 
-@pytest.mark.parametrize("method", ["gram", "power", "norm", "cls_attn"])
+@pytest.mark.parametrize("method", ["purify", "gram", "power", "norm", "cls_attn"])
 def test_vision_parity_relative(realistic_clip: Path, photos, tmp_path: Path, method) -> None:
     pixels = _pixels(realistic_clip, photos[:6])
     module = PrunedVision(load_llava(realistic_clip), PruneConfig(k=K, n=N, method=method)).eval()
@@ -101,7 +101,7 @@ def test_decoder_parity_relative(request, tower: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
-@pytest.mark.parametrize("method", ["gram", "power"])
+@pytest.mark.parametrize("method", ["purify", "gram", "power"])
 def test_fidelity_on_outlier_features(request, tower: str, method: str, photos) -> None:
     ckpt = request.getfixturevalue(f"realistic_{tower}")
     feats = _features(ckpt, _pixels(ckpt, photos))
