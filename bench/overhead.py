@@ -58,8 +58,8 @@ def vision_graphs(quick: bool) -> dict[str, PruneConfig]:
         cfgs += [PruneConfig(k=64, n=N, rank=64), PruneConfig(k=64, n=N, method="gram", rank=64)]
         cfgs += [PruneConfig(k=16, n=N, method="power")]
     role = {"none": "(a)", "uniform": "(b)"}
-    name = lambda c: f"{role.get(c.method, '(c)')} {c.method} K={c.k}" + f" r={c.rank}" * (c.method not in role)  # noqa: E731
-    return {name(c): c for c in cfgs}
+    rank = lambda c: f" r={c.rank}" * (c.method not in role)  # noqa: E731
+    return {f"{role.get(c.method, '(c)')} {c.method} K={c.k}{rank(c)}": c for c in cfgs}
 
 
 def describe(cfg: PruneConfig) -> str:

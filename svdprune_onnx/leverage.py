@@ -241,9 +241,10 @@ def purify_scores(X: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
     and McWeeny sends the two to exactly 1 and 0: the scores are the exact rank-k leverage and
     sum to k. (k = r reaches the trace r only from below, and noise can trigger one squaring:
     the limit counts doublings since the last squaring, not since the start.) A full-rank X
-    squares within the first ~12 steps and then alternates, so it is never held. X = 0 gives P = 0 and
-    all scores 0. Eigenvalues that tie at the threshold (lambda_r ~ lambda_r+1) may end between
-    0 and 1: the scores then share that direction, as any basis of a tied subspace would.
+    squares within the first ~12 steps and then alternates, so it is never held. X = 0 gives
+    P = 0 and all scores 0. Eigenvalues that tie at the threshold (lambda_r ~ lambda_r+1) may
+    end between 0 and 1: the scores then share that direction, as any basis of a tied
+    subspace would.
     """
     n = X.shape[1]
     # Constants made once, so the traced graph holds one node per value, not one per use.
@@ -262,7 +263,7 @@ def purify_scores(X: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
         if step >= MAX_LIFT:
             lift = torch.where(last > step - 1 - MAX_LIFT, two, one)
         P = P2 + torch.where(sq, zero, lift) * (P - P2)
-        if MAX_LIFT < iters and step < iters - 1:  # read only by steps >= MAX_LIFT
+        if iters > MAX_LIFT and step < iters - 1:  # read only by steps >= MAX_LIFT
             last = torch.where(sq, torch.tensor(float(step)), last)
     for _ in range(N_MCWEENY):
         P2 = P @ P

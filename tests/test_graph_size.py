@@ -36,7 +36,7 @@ def counts(tiny_clip: Path, tmp_path_factory) -> dict[str, int]:
         "r=K=64": PruneConfig(k=64, n=N, rank=64),
         "gram": PruneConfig(k=16, n=N, method=lev.GRAM),
     }
-    return {name: _nodes(model, cfg, root / f"{i}.onnx") for i, (name, cfg) in enumerate(cfgs.items())}
+    return {name: _nodes(model, cfg, root / f"{name}.onnx") for name, cfg in cfgs.items()}
 
 
 def test_default_is_purify() -> None:
