@@ -1,4 +1,4 @@
-"""Fidelity of the exportable leverage approximations (power, gram) against exact SVD leverage.
+"""Fidelity of the exportable leverage approximations (purify, power, gram) against exact SVD.
 
 For every (method, oversample, rank r, iterations, center) and K, on real-photo features of the
 CLIP-L/336 tower (random weights) and on synthetic spectra with a controlled gap s_r / s_{r+1}:
@@ -160,6 +160,10 @@ def evaluate(X, groups, iters, oversamples, centers) -> list[dict]:
                 for m in BASELINES
             }
             scores[(lev.POWER, None)] = power_trajectory(Xs, r, center, iters)
+            scores[(lev.PURIFY, None)] = {
+                t: chunked(lambda x: lev.leverage(x, r, lev.PURIFY, t, center), Xs)  # noqa: B023
+                for t in iters
+            }
             for o in oversamples:
                 scores[(lev.GRAM, o)] = {
                     t: chunked(lambda x: lev.leverage(x, r, lev.GRAM, t, center, o), Xs)  # noqa: B023
@@ -262,7 +266,7 @@ def min_iters(rows, iters, oversamples, centers) -> tuple[str, list[tuple[Settin
     their t and every larger t in the grid, with their block width p at K=64.
     """
     table, cands = [], []
-    methods = [(lev.GRAM, o) for o in oversamples] + [(lev.POWER, None)]
+    methods = [(lev.PURIFY, None)] + [(lev.GRAM, o) for o in oversamples] + [(lev.POWER, None)]
     for m, o in methods:
         for rule in RANK_RULES:
             for c in centers:
@@ -275,8 +279,9 @@ def min_iters(rows, iters, oversamples, centers) -> tuple[str, list[tuple[Settin
                     [Setting(m, o, rule, c, None).name(), f"r={rule}", ok(c), *per_k, t_all]
                 )
                 stable = [t for t in iters if all(all(ok_t[u]) for u in iters if u >= t)]
-                if stable:
+                if stable:  # purify has no block: p = 0
                     p = max(lev.block_width(m, rule_rank(rule, k), o or 0, N) for k in KS)
+                    p *= m != lev.PURIFY
                     cands.append((Setting(m, o, rule, c, stable[0]), p))
     head = ["method", "rank", "center", *[f"K={k}" for k in KS], "all K"]
     return md_table(head, table), cands
@@ -347,12 +352,21 @@ def main() -> None:
     rows = evaluate(X, groups, iters, args.oversample, centers)
 
     md_a, cands = min_iters(rows, iters, args.oversample, centers)
-    # Fewest G products; at equal count gram before power, then the narrower block, centring on.
-    rank_key = lambda c: (c[0].iters, c[0].method != lev.GRAM, c[1], not c[0].center)  # noqa: E731
+    # purify first (its graph does not grow with r or the iterations), then fewest G products;
+    # at equal count gram before power, then the narrower block, centring on.
+    rank_key = lambda c: (  # noqa: E731
+        c[0].method != lev.PURIFY,
+        c[0].iters,
+        c[0].method != lev.GRAM,
+        c[1],
+        not c[0].center,
+    )
     best = min(cands, key=rank_key)[0] if cands else None
     d = DEFAULT
     default = Setting(d.method, d.oversample, str(d.rank), d.center, d.iterations)
-    settings = [Setting(lev.GRAM, 4, "16", True, t) for t in (4, 8, 16) if t in iters]
+    settings = [Setting(lev.PURIFY, None, r, False, t) for r in ("8", "K") for t in (16, 24, 32)]
+    settings = [s for s in settings if s.iters in iters]
+    settings += [Setting(lev.GRAM, 4, "16", True, t) for t in (4, 8, 16) if t in iters]
     settings += [Setting(lev.POWER, None, "16", True, t) for t in (8, 16, 32) if t in iters]
     settings += [Setting(lev.GRAM, 4, "K", True, 8)]
     settings = ([best] if best and best not in settings else []) + settings
@@ -386,10 +400,8 @@ def main() -> None:
     )
     if best:
         p = dict(cands)[best]
-        print(
-            f"recommended {best} ({best.iters} G products of {p} columns at K=64): "
-            f"{figures(rows, best)[0]}"
-        )
+        unit = "(N, N) products" if best.method == lev.PURIFY else f"G products of {p} columns"
+        print(f"recommended {best} ({best.iters} {unit} at K=64): {figures(rows, best)[0]}")
     else:
         print("recommended: no setting in the grid meets the target at K=16, 32 and 64")
     out = OUT.with_name("fidelity_quick.json") if args.quick else OUT

@@ -47,6 +47,8 @@ TARGET_PCT = 2.0  # pruning may add at most this much to the vision graph
 FEATURES_INPUT = "features"
 AXIS_WIDTH = "feature_width"
 UNPRUNED = "(a) none K=576"
+SESSION_REPS = 3  # session creations per graph, interleaved; the median is reported
+SLOW_LOAD_S = 20.0
 
 
 def vision_graphs(quick: bool) -> dict[str, PruneConfig]:
@@ -161,6 +163,25 @@ def bench_subgraphs(cfgs: list[PruneConfig], feats: dict[int, torch.Tensor]) -> 
             print(f"  {cfg.method} K={cfg.k} {describe(cfg)} d={d}: {rows[-1]['median_ms']:.2f} "
                   f"ms, {nodes} nodes, session load {load_s:.1f} s", flush=True)  # fmt: skip
     return rows
+
+
+def load_sessions(paths: dict[str, Path], reps: int) -> tuple[dict, dict[str, float]]:
+    """Create every session `reps` times, interleaved (one-off loads swing 2x with the page
+    cache and memory pressure of ~9 GB of graphs); returns the last sessions and the median
+    seconds. A graph slower than SLOW_LOAD_S loads once: its figure is not in doubt."""
+    sessions: dict[str, ort.InferenceSession] = {}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    for rep in range(reps):
+        for name, path in paths.items():
+            if rep and seconds[name][0] > SLOW_LOAD_S:
+                continue
+            sessions.pop(name, None)  # free the previous one first
+            t0 = time.perf_counter()
+            sessions[name] = ort.InferenceSession(str(path), providers=PROVIDERS)
+            seconds[name].append(time.perf_counter() - t0)
+        print(f"  sessions, round {rep + 1}/{reps} (s, in table order): "
+              + ", ".join(f"{v[-1]:.1f}" for v in seconds.values()), flush=True)  # fmt: skip
+    return sessions, {name: statistics.median(v) for name, v in seconds.items()}
 
 
 def export_all(graphs: dict[str, PruneConfig], layers: int, pixels) -> tuple[dict, dict, dict]:
@@ -288,13 +309,7 @@ def main() -> None:
     pixels = models.pixel_values(photo)  # (1, 3, 336, 336)
     graphs = vision_graphs(args.quick)
     paths, nodes, feats = export_all(graphs, 4 if args.quick else 24, pixels)
-    print(f"loading {len(paths)} sessions ...", flush=True)
-    sessions, load_s = {}, {}
-    for name, path in paths.items():
-        t0 = time.perf_counter()
-        sessions[name] = ort.InferenceSession(str(path), providers=PROVIDERS)
-        load_s[name] = time.perf_counter() - t0
-        print(f"  session {name}: {load_s[name]:.1f} s", flush=True)
+    sessions, load_s = load_sessions(paths, 1 if args.quick else SESSION_REPS)
     times = time_interleaved(sessions, {C.PIXEL_VALUES: pixels}, reps)
     env["load average after timing"] = load_average()
     del sessions

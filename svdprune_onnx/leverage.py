@@ -52,6 +52,11 @@ DEFAULT_ITERATIONS = {PURIFY: 24, POWER: 16, GRAM: 16}
 # 2^-16 ~ 1.5e-5: directions with lambda below that fraction of ||G||_F are numerically absent
 # (float32 noise in G sits at ~1e-7, genuine directions of real CLIP-L features >= ~9e-5).
 MAX_LIFT = 16
+# purify squares only when trace(P) > r + TRACE_SLACK: with exactly r directions at 1, rounding
+# puts them at 1 + eps (TF32 matmuls on Ampere GPUs: eps ~ 5e-4), trace(P) > r, and squaring
+# again and again would blow them up; doubling pulls 1 + eps back to 1 - eps^2. What the slack
+# leaves on lambda_{r+1} (<= 0.01) the McWeeny steps take to ~1e-7.
+TRACE_SLACK = 0.01
 # purify: McWeeny steps 3P^2 - 2P^3 that finish it (they round eigenvalues to 0 or 1).
 N_MCWEENY = 2
 
@@ -226,12 +231,17 @@ def purify_scores(X: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
         P = G / ||G||_F                     eigenvalues lambda_j / ||G||_F in [0, 1]
         repeat `iters` times:
             P2 = P @ P,  t = trace(P)
-            w  = 0 if t > r                 P <- P^2        (square: trace down)
-                 2 otherwise                P <- 2P - P^2   (double: trace up)
-                 1 after MAX_LIFT doublings  P <- P          (held: see below)
+            w  = 0 if t > r + TRACE_SLACK     P <- P^2        (square: trace down)
+                 2 otherwise                   P <- 2P - P^2   (double: trace up)
+                 1 after MAX_LIFT doublings    P <- P          (held: see below)
             P  = P2 + w (P - P2)
-        2 x  P = 3P^2 - 2P^3               McWeeny: eigenvalues within 1/2 of 0 or 1 snap there
+        2 x  P = 3P^2 - 2P^3                  McWeeny: eigenvalues near 0 or 1 snap there
         l = diag(P)
+
+    Both maps pull rounding errors back towards 0 or 1 on the next step of the other kind, so
+    the iteration corrects itself: with matmul inputs rounded to TF32 (10-bit mantissa, the
+    default for float32 GEMMs on Ampere GPUs; emulated on the CPU) the kept tokens of the
+    real-photo features do not change.
 
     Rank-deficient X (numerical rank k < r: a blank page, a flat sky) can never reach trace r:
     every step doubles, and doubling also doubles the float32 noise that stands in for G's
@@ -250,7 +260,7 @@ def purify_scores(X: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
     # Constants made once, so the traced graph holds one node per value, not one per use.
     eye = torch.eye(n, dtype=X.dtype, device=X.device)  # (N, N)
     zero, one, two, three = (torch.tensor(v, dtype=X.dtype, device=X.device) for v in (0, 1, 2, 3))
-    target = torch.tensor(float(rank), dtype=X.dtype, device=X.device)
+    target = torch.tensor(rank + TRACE_SLACK, dtype=X.dtype, device=X.device)
     G = X @ X.transpose(1, 2)  # (B, N, N)
     P = G / G.square().sum(dim=(1, 2), keepdim=True).sqrt().clamp_min(_TINY)  # ||G||_F >= lambda_1
     # Step of the last squaring, (B, 1, 1); -1: none yet. Doublings in a row before step s

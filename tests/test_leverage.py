@@ -245,3 +245,38 @@ def test_rank_deficient_photo_features_match_exact(photo_features, method: str) 
     cases = [(x, rk, out) for x in feats for rk in range(1, p + 1) for out in (False, True)]
     X = torch.stack([project(x, rk, out) for x, rk, out in cases])
     score_and_check(X, [rk for _, rk, _ in cases], cfg.rank, cfg.k, method)
+
+
+# --- TF32: Ampere GPUs run float32 GEMMs with 10-bit-mantissa inputs by default ---------------
+
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 to TF32's 10-bit mantissa (to nearest), as tensor cores read GEMM inputs."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.fixture
+def tf32_matmuls(monkeypatch):
+    matmul = torch.Tensor.__matmul__
+
+    def tf32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.dtype == b.dtype == torch.float32:
+            return matmul(_tf32(a), _tf32(b))
+        return matmul(a, b)  # float64 (the exact reference, test inputs) as it is
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", tf32_matmul)
+
+
+def test_purify_under_tf32(photo_features, tf32_matmuls) -> None:
+    """purify corrects its own rounding: TF32 keeps exact's picks on photo features, and at
+    rank = r (where r directions sit at 1 + eps and repeated squaring would blow them up) the
+    scores stay exact to TF32's precision."""
+    feats, cfg = photo_features
+    ref = lev.leverage(feats, cfg.rank, lev.EXACT)
+    got = lev.leverage(feats, cfg.rank, lev.PURIFY, cfg.iterations)
+    assert all(overlap(got[b : b + 1], ref[b : b + 1], 16) == 1.0 for b in range(len(feats)))
+    X = torch.stack([rank_k(kind, 8) for kind in RANK_KINDS])  # rank 8 = r
+    ref = lev.leverage(X.double(), 8, lev.EXACT)  # float64: no TF32 in the reference
+    got = lev.leverage(X, 8, lev.PURIFY, cfg.iterations)
+    assert (got - ref).abs().max() <= 5e-3 and (got.sum(1) - 8).abs().max() <= 5e-3
