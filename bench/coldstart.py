@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,9 +46,22 @@ def _tree(base: str, root: Path) -> Path:
     return path
 
 
+def _rev(tree: Path) -> str:
+    """The tree's commit, short, with "+" when it has uncommitted changes (never reused)."""
+    git = ["git", "-C", str(tree)]
+    rev = subprocess.run([*git, "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                         text=True, check=True).stdout.strip()  # fmt: skip
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    return rev + "+" * bool(dirty)
+
+
 def _export(tree: Path, out: Path, preset: str) -> None:
-    if (out / "svdprune.json").is_file():
+    """Export once per commit: a bundle folder named after another commit is never reused."""
+    if (out / "svdprune.json").is_file() and not out.name.split("-")[1].endswith("+"):
         return
+    for stale in (out, out.with_name(out.name + ".selftest")):  # and its self-test cache
+        shutil.rmtree(stale, ignore_errors=True)
     cmd = [sys.executable, "-m", "export", "--preset", preset, "--k", "16", "-o", str(out)]
     subprocess.run(cmd, cwd=tree, check=True, capture_output=True)
 
@@ -70,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = REPO / "build" / "coldstart"
     trees = {"base": _tree(args.base, root), "this": REPO}
-    bundles = {name: root / f"{name}-{args.preset}-k16" for name in trees}
+    bundles = {n: root / f"{n}-{_rev(tree)}-{args.preset}-k16" for n, tree in trees.items()}
     for name, tree in trees.items():
         _export(tree, bundles[name], args.preset)
     runs: dict[str, list[dict]] = {name: [] for name in trees}

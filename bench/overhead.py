@@ -6,6 +6,7 @@ interleaved on one real photo. Pruning overhead = (c - b) / a with b at the same
 the pruning subgraph alone (features (1, 576, d) -> kept indices) at d = 1024 and 4096.
 
     python -m bench.overhead [--reps 5] [--quick] [--keep]
+    python -m bench.overhead --sessions 10     # session creation only, (a) vs purify vs gram
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ TARGET_PCT = 2.0  # pruning may add at most this much to the vision graph
 FEATURES_INPUT = "features"
 AXIS_WIDTH = "feature_width"
 UNPRUNED = "(a) none K=576"
-SESSION_REPS = 3  # session creations per graph, interleaved; the median is reported
+SESSION_REPS = 3  # session creations per graph, interleaved; the median is reported (their
+# spread is +-0.3 s on this machine: --sessions 10 for the session figures alone)
 SLOW_LOAD_S = 20.0
 
 
@@ -165,10 +167,10 @@ def bench_subgraphs(cfgs: list[PruneConfig], feats: dict[int, torch.Tensor]) -> 
     return rows
 
 
-def load_sessions(paths: dict[str, Path], reps: int) -> tuple[dict, dict[str, float]]:
+def load_sessions(paths: dict[str, Path], reps: int) -> tuple[dict, dict[str, list[float]]]:
     """Create every session `reps` times, interleaved (one-off loads swing 2x with the page
-    cache and memory pressure of ~9 GB of graphs); returns the last sessions and the median
-    seconds. A graph slower than SLOW_LOAD_S loads once: its figure is not in doubt."""
+    cache and memory pressure of ~9 GB of graphs); returns the last sessions and the seconds
+    of each creation. A graph slower than SLOW_LOAD_S loads once: its figure is not in doubt."""
     sessions: dict[str, ort.InferenceSession] = {}
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     for rep in range(reps):
@@ -181,7 +183,7 @@ def load_sessions(paths: dict[str, Path], reps: int) -> tuple[dict, dict[str, fl
             seconds[name].append(time.perf_counter() - t0)
         print(f"  sessions, round {rep + 1}/{reps} (s, in table order): "
               + ", ".join(f"{v[-1]:.1f}" for v in seconds.values()), flush=True)  # fmt: skip
-    return sessions, {name: statistics.median(v) for name, v in seconds.items()}
+    return sessions, seconds
 
 
 def export_all(graphs: dict[str, PruneConfig], layers: int, pixels) -> tuple[dict, dict, dict]:
@@ -293,12 +295,42 @@ def print_report(env: dict, reps: int, rows: list[dict], sub: list[dict], quick:
                   f"± {r['paired_se_pct']:.2f})")  # fmt: skip
 
 
+def sessions_only(reps: int) -> None:
+    """Session creation of the CLIP-L vision graph unpruned vs pruned, side by side."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    env = {**environment(), "provider": PROVIDERS[0]}
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    pixels = models.pixel_values(models.photo_paths(1))
+    graphs = {n: c for n, c in vision_graphs(False).items() if n == UNPRUNED or c.k == 16}
+    graphs = {n: c for n, c in graphs.items() if c.method in ("none", "purify", "gram")}
+    paths, nodes, _ = export_all(graphs, 24, pixels)
+    _, loads = load_sessions(paths, reps)
+    med = {n: statistics.median(v) for n, v in loads.items()}
+    head = ["graph", "nodes", "session s median (min)", "/ unpruned, median (min)"]
+    body = [
+        [n, nodes[n], f"{med[n]:.2f} ({min(v):.2f})",
+         f"{med[n] / med[UNPRUNED]:.2f}x ({min(v) / min(loads[UNPRUNED]):.2f}x)"]
+        for n, v in loads.items()
+    ]  # fmt: skip
+    print(md_table(head, body))
+    out = OUT_JSON.with_name("overhead_sessions.json")
+    out.write_text(json.dumps(dict(environment=env, reps=reps, nodes=nodes, session_s=loads)))
+    for p in paths.values():
+        p.unlink(missing_ok=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions")
     ap.add_argument("--quick", action="store_true", help="4-layer tower, 3 graphs, 2 reps")
     ap.add_argument("--keep", action="store_true", help="keep the big vision .onnx files")
+    ap.add_argument(
+        "--sessions", type=int, metavar="R",
+        help="only session creation: (a), purify, gram at K=16, R times interleaved (R=10: ~4 min)",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.sessions:
+        return sessions_only(args.sessions)
     reps = 2 if args.quick else args.reps
     t_all = time.perf_counter()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -309,7 +341,8 @@ def main() -> None:
     pixels = models.pixel_values(photo)  # (1, 3, 336, 336)
     graphs = vision_graphs(args.quick)
     paths, nodes, feats = export_all(graphs, 4 if args.quick else 24, pixels)
-    sessions, load_s = load_sessions(paths, 1 if args.quick else SESSION_REPS)
+    sessions, loads = load_sessions(paths, 1 if args.quick else SESSION_REPS)
+    load_s = {name: statistics.median(v) for name, v in loads.items()}
     times = time_interleaved(sessions, {C.PIXEL_VALUES: pixels}, reps)
     env["load average after timing"] = load_average()
     del sessions
