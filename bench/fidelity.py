@@ -222,7 +222,8 @@ def rank_deficient_table(rows: list[dict]) -> str:
         ]
         for rank in dict.fromkeys(row["rank_of_x"] for row in rows)
     ]
-    head = ["rank of X", *[f"{m} r={DEFAULT.rank} iters={DEFAULT.iterations}" for m in methods]]
+    iters = {row["method"]: row["iters"] for row in rows}  # each method at its own default
+    head = ["rank of X", *[f"{m} r={DEFAULT.rank} iters={iters[m]}" for m in methods]]
     return md_table(head, body)
 
 
@@ -363,7 +364,8 @@ def main() -> None:
     )
     best = min(cands, key=rank_key)[0] if cands else None
     d = DEFAULT
-    default = Setting(d.method, d.oversample, str(d.rank), d.center, d.iterations)
+    oversample = d.oversample if d.method == lev.GRAM else None  # only gram has a block
+    default = Setting(d.method, oversample, str(d.rank), d.center, d.iterations)
     settings = [Setting(lev.PURIFY, None, r, False, t) for r in ("8", "K") for t in (16, 24, 32)]
     settings = [s for s in settings if s.iters in iters]
     settings += [Setting(lev.GRAM, 4, "16", True, t) for t in (4, 8, 16) if t in iters]

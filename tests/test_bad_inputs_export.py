@@ -209,9 +209,13 @@ def test_real_ctrl_c_mid_export(tiny_clip, old_bundle) -> None:
     """SIGINT while the vision graph is being exported: one line, exit 130, old bundle intact."""
     before = snapshot(old_bundle)
     argv = [sys.executable, "-m", "export", "-m", str(tiny_clip), "-o", str(old_bundle)]
+    # A terminal's Ctrl-C reaches a process whose SIGINT is at its default. Under a background
+    # job (`make test &`, nohup) the shell ignores SIGINT for the whole tree, and a Python
+    # started that way installs no KeyboardInterrupt handler: restore the default for the child.
     proc = subprocess.Popen(
-        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:  # step lines are flushed as they start
         if line.startswith("[2/5]"):
