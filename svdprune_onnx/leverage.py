@@ -10,7 +10,7 @@ the ONNX graph has no Loop/If/Scan and no SVD/QR/inverse (ONNX has none):
 
   purify  the rank-r spectral projector of G = X X^T by trace-correcting purification (SP2):
           one (N, N) MatMul per step, no basis and no orthonormalisation, so the graph has
-          ~10 nodes per step whatever r is (the default: about 300 nodes in all)
+          ~10 nodes per step whatever r is (263 nodes in all at the defaults)
   power   subspace iteration on G = X X^T, orthonormalised (CGS2) after every step
   gram    oversampled subspace iteration with a degree-2 Chebyshev filter whose cut-off is
           re-estimated every step from the Rayleigh quotient of the last oversampling column;
@@ -48,7 +48,7 @@ _TINY = 1e-30
 # Iterations when none are given (`make bench-fidelity` picked them: README). purify counts
 # (N, N) products, power and gram products with G (each two (N, d) x (d, p) MatMuls).
 DEFAULT_ITERATIONS = {PURIFY: 24, POWER: 16, GRAM: 16}
-# purify: at most this many doublings before the first squaring step (see purify_scores).
+# purify: at most this many doublings in a row; then P is held (see purify_scores).
 # 2^-16 ~ 1.5e-5: directions with lambda below that fraction of ||G||_F are numerically absent
 # (float32 noise in G sits at ~1e-7, genuine directions of real CLIP-L features >= ~9e-5).
 MAX_LIFT = 16
@@ -268,13 +268,13 @@ def purify_scores(X: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
     last = torch.full_like(P[:, :1, :1], -1.0)
     for step in range(iters):
         P2 = P @ P
-        sq = (P * eye).sum(dim=(1, 2), keepdim=True) > target  # trace(P) > r: (B, 1, 1)
+        sq = _trace(P, eye) > target  # trace(P) > r + slack: (B, 1, 1)
         lift = two
         if step >= MAX_LIFT:
             lift = torch.where(last > step - 1 - MAX_LIFT, two, one)
         P = P2 + torch.where(sq, zero, lift) * (P - P2)
         if iters > MAX_LIFT and step < iters - 1:  # read only by steps >= MAX_LIFT
-            last = torch.where(sq, torch.tensor(float(step)), last)
+            last = torch.where(sq, torch.tensor(float(step), dtype=X.dtype, device=X.device), last)
     for _ in range(N_MCWEENY):
         P2 = P @ P
         P = three * P2 - two * (P2 @ P)

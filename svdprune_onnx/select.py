@@ -47,7 +47,7 @@ class PruneConfig:
     k: int
     n: int
     # Defaults picked by `make bench-fidelity` (README): overlap >= 0.98 and leverage-mass
-    # share >= 0.995 against exact SVD at K = 16, 32 and 64, from a pruning subgraph of ~270
+    # share >= 0.995 against exact SVD at K = 16, 32 and 64, from a pruning subgraph of 263
     # nodes (`purify`: its node count does not grow with r, unlike power / gram).
     method: str = lev.PURIFY
     rank: int = 8
