@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -51,3 +53,19 @@ def test_prune_subgraph_exports_and_matches_torch(tmp_path, monkeypatch) -> None
 def test_md_table_pads_columns() -> None:
     text = md_table(["a", "bb"], [[1, "x"], ["long", 2]])
     assert text.splitlines()[1] == "|------|----|"
+
+
+def test_export_memory_reports_every_step(tmp_path, monkeypatch) -> None:
+    """bench.export_memory on the tiny preset: a peak and a duration for each export step."""
+    from bench import export_memory
+
+    monkeypatch.setattr(export_memory, "OUT_DIR", tmp_path)
+    assert export_memory.main(["--preset", "tiny", "--", "--rank", "4"]) == 0
+    (report,) = tmp_path.glob("*.json")
+    result = json.loads(report.read_text())
+    steps = [s["step"][:5] for s in result["steps"]]
+    assert steps == ["start", "[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
+    assert all(s["peak_bytes"] > 0 and s["seconds"] >= 0 for s in result["steps"])
+    assert result["peak_bytes"] == max(s["peak_bytes"] for s in result["steps"])
+    assert result["peak_bytes"] > 100 * 2**20  # torch alone is more than that
+    assert result["bundle_bytes"] > 0 and (tmp_path / "tiny-k16-rank-4").is_dir()

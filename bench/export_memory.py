@@ -1,0 +1,134 @@
+"""Peak memory of an export, per step: where `python -m export` holds the weights twice.
+
+    python -m export ... (a child process, stdout piped)
+      "[i/5] ..." step lines ─► the child's peak RSS since the previous step line (VmHWM from
+                                /proc/<pid>/status, reset at each step through clear_refs)
+      exit ─► the last step's peak (wait4's ru_maxrss: the high-water mark since the last reset),
+              wall time, the whole export's peak (the largest step), bundle size on disk
+
+    python -m bench.export_memory [--preset tiny|medium|realistic] [-- <more export flags>]
+
+Linux only (/proc). Every figure is the kernel's own high-water mark, so a short spike between
+two samples is not missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench import models
+from bench.report import environment, md_table
+
+OUT_DIR = models.BENCH_DIR / "export_memory"
+STEP = re.compile(r"^\[(\d+)/(\d+)\] (.*)")
+SAMPLE_S = 0.1
+GIB = 2**30
+
+
+def _hwm_bytes(pid: int) -> int | None:
+    """The process's peak RSS since its last reset (VmHWM), or None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _reset_hwm(pid: int) -> None:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError as e:
+        raise SystemExit(f"error: cannot reset the peak RSS of pid {pid} ({e}); needs Linux") from e
+
+
+def run_export(export_args: list[str], out: Path) -> dict:
+    """Run one export into `out`; returns per-step peaks and seconds, wall time, overall peak."""
+    cmd = [sys.executable, "-m", "export", *export_args, "-o", str(out)]
+    proc = subprocess.Popen(cmd, cwd=models.REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    steps: list[dict] = [{"step": "start (imports)", "peak_bytes": 0, "t0": time.perf_counter()}]
+    lock = threading.Lock()
+
+    def sample() -> None:  # keeps the current step's peak while the child runs
+        while proc.poll() is None:
+            hwm = _hwm_bytes(proc.pid)
+            with lock:
+                if hwm is not None:
+                    steps[-1]["peak_bytes"] = max(steps[-1]["peak_bytes"], hwm)
+            time.sleep(SAMPLE_S)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t_start = time.perf_counter()
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        match = STEP.match(line)
+        if match:
+            with lock:
+                hwm = _hwm_bytes(proc.pid)
+                if hwm is not None:
+                    steps[-1]["peak_bytes"] = max(steps[-1]["peak_bytes"], hwm)
+                    _reset_hwm(proc.pid)
+                steps.append({"step": match.group(0).strip(), "peak_bytes": 0,
+                              "t0": time.perf_counter()})  # fmt: skip
+            print(f"  {line.rstrip()}", flush=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t_start
+    sampler.join()
+    if os.waitstatus_to_exitcode(status) != 0:
+        tail = "".join(log[-20:])
+        raise SystemExit(f"error: the export failed:\n{tail}")
+    ends = [s["t0"] for s in steps[1:]] + [t_start + wall]
+    for s, end in zip(steps, ends, strict=True):
+        s["seconds"] = end - s.pop("t0")
+    # The resets also reset what the kernel reports at exit: ru_maxrss is the last step's peak.
+    steps[-1]["peak_bytes"] = max(steps[-1]["peak_bytes"], usage.ru_maxrss * 1024)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    peak = max(s["peak_bytes"] for s in steps)
+    return {"command": cmd[1:], "wall_s": wall, "peak_bytes": peak, "bundle_bytes": size,
+            "steps": steps}  # fmt: skip
+
+
+def table(result: dict) -> str:
+    body = [[s["step"][:70], f"{s['peak_bytes'] / GIB:.2f}", f"{s['seconds']:.1f}"]
+            for s in result["steps"]]  # fmt: skip
+    body.append(["whole export (largest step)", f"{result['peak_bytes'] / GIB:.2f}",
+                 f"{result['wall_s']:.1f}"])  # fmt: skip
+    return md_table(["step", "peak RSS GiB", "seconds"], body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.export_memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--preset", default="tiny", help="export's --preset (tiny, medium, ...)")
+    ap.add_argument("--k", default="16")
+    ap.add_argument("rest", nargs=argparse.REMAINDER, help="-- then more `python -m export` flags")
+    args = ap.parse_args(argv)
+    extra = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    name = "-".join([args.preset, f"k{args.k}", *[a.lstrip("-") for a in extra]])
+    out = OUT_DIR / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    env = environment()
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    result = run_export(["--preset", args.preset, "--k", args.k, *extra], out)
+    print(f"\n{' '.join(result['command'])}: {result['wall_s']:.0f} s, bundle "
+          f"{result['bundle_bytes'] / 2**20:.1f} MiB\n")  # fmt: skip
+    print(table(result))
+    report = OUT_DIR / f"{out.name}.json"
+    report.write_text(json.dumps({"environment": env, **result}, indent=1) + "\n")
+    print(f"\nwrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
