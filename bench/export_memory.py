@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bench import models
 from bench.report import environment, md_table
+from runtime.profile import reset_peak_rss, status_kb
 
 OUT_DIR = models.BENCH_DIR / "export_memory"
 STEP = re.compile(r"^\[(\d+)/(\d+)\] (.*)")
@@ -35,19 +36,13 @@ GIB = 2**30
 
 def _hwm_bytes(pid: int) -> int | None:
     """The process's peak RSS since its last reset (VmHWM), or None once it has exited."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
-        return None
+    kib = status_kb("VmHWM", pid)
+    return None if kib is None else int(kib) * 1024
 
 
 def _reset_hwm(pid: int) -> None:
-    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError as e:
-        raise SystemExit(f"error: cannot reset the peak RSS of pid {pid} ({e}); needs Linux") from e
+    if not reset_peak_rss(pid):
+        raise SystemExit(f"error: cannot reset the peak RSS of pid {pid}; needs Linux >= 4.0")
 
 
 def run_export(export_args: list[str], out: Path) -> dict:

@@ -172,14 +172,11 @@ class Pipeline:
                 for b in np.nonzero(live)[0]:
                     on_token(int(b), int(tokens[b]))
         t_end = time.perf_counter()
-        eos = gen.eos
         for b, r in enumerate(results):
             r.token_ids = gen.new_tokens[b]
             r.kept_indices = [int(i) for i in kept[b]]
             r.first_logits = first_logits[b]
-            r.text = self.tokenizer.decode(
-                [t for t in r.token_ids if t not in eos], skip_special_tokens=True
-            )
+            r.text = gen.text(b)
             r.timings_ms = {
                 "vision": (t_vision - t0) * 1e3,
                 "embed": embed_s * 1e3,  # embed_tokens + scatter of the prompt

@@ -83,6 +83,11 @@ class Generator:
         """Row `row`'s tokens (padding left out), the last generated token included."""
         return [int(i) for i in self.ids[row][self.mask[row] == 1]]
 
+    def text(self, row: int = 0) -> str:
+        """Row `row`'s tokens generated since the last append, decoded (eos left out)."""
+        ids = [t for t in self.new_tokens[row] if t not in self.eos]
+        return self.pipe.tokenizer.decode(ids, skip_special_tokens=True)
+
     def is_done(self) -> bool:
         """Every row has produced eos, or max_new_tokens were generated since the last append."""
         return bool(self.done.all()) or len(max(self.new_tokens, key=len)) >= self.s.max_new_tokens

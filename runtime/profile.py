@@ -94,9 +94,10 @@ def summarize(reps: list[dict[str, float]]) -> dict[str, float]:
 
 
 # --- memory ----------------------------------------------------------------------------------
-def _status_kb(field_name: str) -> float | None:
+def status_kb(field_name: str, pid: int | str = "self") -> float | None:
+    """A kB field of /proc/<pid>/status (VmRSS, VmHWM, ...); None off Linux or once pid exits."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field_name + ":"):
                 return float(line.split()[1])
     except OSError:
@@ -112,10 +113,10 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def reset_peak_rss() -> bool:
+def reset_peak_rss(pid: int | str = "self") -> bool:
     """Reset the kernel's peak-RSS mark (Linux >= 4.0) so the next reading is this bundle's."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
         return True
     except OSError:
         return False
@@ -124,7 +125,7 @@ def reset_peak_rss() -> bool:
 def rss_mb() -> tuple[float, float, str]:
     """(current RSS, peak RSS, scope of the peak) in MiB. Off Linux the peak is the process's
     lifetime peak (scope "process": it also covers earlier bundles)."""
-    now, peak = _status_kb("VmRSS"), _status_kb("VmHWM")
+    now, peak = status_kb("VmRSS"), status_kb("VmHWM")
     if now is None or peak is None:
         import resource
 

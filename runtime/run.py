@@ -266,9 +266,7 @@ def chat(
                 stream(0, int(token))
         t_end = time.perf_counter()
         tokens = gen.new_tokens[0]
-        text = pipe.tokenizer.decode(
-            [t for t in tokens if t not in gen.eos], skip_special_tokens=True
-        )
+        text = gen.text(0)
         embed_ms = (gen.embed_s - embed_s) * 1e3  # the prefill's (decode steps come after)
         turn_ms = {
             "preprocess": preprocess_ms if len(messages) == 1 else 0.0,
