@@ -8,13 +8,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from runtime import contract as C
 
 REPO = Path(__file__).resolve().parents[1]
+LEAN, FULL = "lean", "full"
+EXPORT_MEMORY = (LEAN, FULL)
 SHARED_IMAGES = REPO.parent / "shared" / "data" / "images"
 
 
@@ -32,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--preset",
-        choices=("tiny", "realistic", "medium"),
+        choices=("tiny", "realistic", "medium", "wide"),
         default="tiny",
         help="built-in random-weight checkpoint when no -m: tiny (CLIP+Llama, seconds), "
         "realistic (tiny with outlier tokens and massive activations, as real weights have) or "
@@ -78,6 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--print-out",
         action="store_true",
         help="print the bundle folder these options write, and exit without exporting",
+    )
+    ap.add_argument(
+        "--export-memory",
+        choices=EXPORT_MEMORY,
+        default=LEAN,
+        help="lean (default): trace on weightless stand-ins and stream each weight from the "
+        "checkpoint's safetensors, one graph's weights in memory at most; full: load the whole "
+        "model first (the route for .bin checkpoints)",
     )
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap.parse_args(argv)
@@ -131,8 +143,7 @@ def main(args: argparse.Namespace) -> Path:
     import torch
 
     from export.bundle import atomic_dir, copy_side_files, package_versions, write_manifest
-    from export.decoder import export_decoder_optimum
-    from export.load import checkpoint, load_image_processor, load_llava
+    from export.load import checkpoint, load_image_processor
     from export.manifest import (
         build_manifest,
         graphs_section,
@@ -142,10 +153,17 @@ def main(args: argparse.Namespace) -> Path:
     )
     from export.photos import synthetic_photo, validation_batches
     from export.processor import check_runtime_pixels
-    from export.text_graphs import decoder_parity, embed_parity, export_embed
+    from export.text_graphs import (
+        decoder_parity,
+        decoder_refs,
+        embed_parity,
+        embed_refs,
+        export_embed,
+    )
     from export.transformersjs import adapt_for_transformersjs
-    from export.vision import OPSET, export_vision, validate_vision
+    from export.vision import OPSET, export_vision, validate_vision, vision_refs
     from runtime.generate import Pipeline
+    from runtime.preprocess import preprocess_batch
     from runtime.selftest import reference_images, save_reference
     from runtime.session import SessionConfig
     from svdprune_onnx.leverage import EXACT, LEVERAGE_METHODS
@@ -158,11 +176,14 @@ def main(args: argparse.Namespace) -> Path:
             "method 'exact' is the float64 SVD reference (bench and eval only): ONNX has no SVD, "
             "so it cannot be exported; use --method gram (default) or power"
         )
+    from export.lean import mmap_big_allocations
+
+    mmap_big_allocations()  # a released graph's weights leave the process (export/lean.py)
     rank = resolve_rank(args.rank, args.k)
     steps = 5 if args.dtype == C.DTYPE_FP32 else 6  # the dtype pass is a step of its own
     t = step(1, steps, "loading checkpoint")
     src = checkpoint(args.model, args.preset)
-    model = load_llava(src)
+    model, weights = load_model(src, args.export_memory)
     processor = load_image_processor(src)
     prompt = prompt_section(src)
     lm = causal_lm(model)
@@ -206,8 +227,14 @@ def main(args: argparse.Namespace) -> Path:
             2, steps, f"{C.VISION_ONNX}: export ({args.vision_exporter}) + parity on real photos"
         )
         image_size = tuple(module.vm.embeddings.config.image_size for _ in range(2))
-        export_vision(module, tmp / C.VISION_ONNX, image_size, args.vision_exporter, args.batch)
-        report = validate_vision(module, tmp / C.VISION_ONNX, batches)
+        path = tmp / C.VISION_ONNX
+        export_vision(module, path, image_size, args.vision_exporter, args.batch, weights)
+        # PyTorch's side first, with this graph's weights loaded; released before ORT loads its own
+        selftest_px = preprocess_batch(small, vision_section(model, processor))
+        with loaded(weights, module):
+            refs = vision_refs(module, batches)
+            selftest_scores = module.scores(torch.from_numpy(selftest_px)).numpy()
+        report = validate_vision(path, batches, refs)
         report.update(pixel_check)  # preprocessing figures (export/processor.py)
         sel = report[C.VAL_SELECTION]
         rel = report[C.VAL_FEATURES_REL]
@@ -215,21 +242,34 @@ def main(args: argparse.Namespace) -> Path:
                 f"{sel['mass_min']:.4f}, features rel. diff {rel:.1e}")  # fmt: skip
 
         t = step(3, steps, f"{C.EMBED_ONNX}: export + parity")
-        export_embed(lm, tmp / C.EMBED_ONNX, OPSET)
-        report["embed_tokens_max_abs_diff"] = embed_parity(lm, tmp / C.EMBED_ONNX)
+        export_embed(lm, tmp / C.EMBED_ONNX, OPSET, weights)
+        with loaded(weights, lm.get_input_embeddings()):
+            refs = embed_refs(lm)
+        report["embed_tokens_max_abs_diff"] = embed_parity(tmp / C.EMBED_ONNX, refs)
         done(t, "identical embeddings")
 
         t = step(4, steps, f"{C.DECODER_ONNX}: export ({args.decoder_exporter}) + parity")
-        if args.decoder_exporter == "torch":
-            from export.decoder_torch import export_decoder_torch as export_decoder
-        else:
-            export_decoder = export_decoder_optimum
-        export_decoder(lm, tmp / C.DECODER_ONNX, OPSET)
-        worst = decoder_parity(lm, tmp / C.DECODER_ONNX)
+        export_decoder(args.decoder_exporter, lm, tmp / C.DECODER_ONNX, weights)
+        # Parity on the graph itself, or, when its fp32 weights would not fit in memory beside
+        # the rest, on its first SLICE_LAYERS layers exported by the same code (lean only).
+        check = parity_target(src, lm, weights, tmp, args.decoder_exporter)
+        check_lm, check_weights, check_path, check_text = check or (
+            lm,
+            weights,
+            tmp / C.DECODER_ONNX,
+            text_facts(model),
+        )
+        table = check_lm.get_input_embeddings()  # lean: inputs read row by row, not loaded
+        with loaded(check_weights, check_lm, but=table):
+            lookup = check_weights.lookup(table) if check_weights is not None else None
+            refs = decoder_refs(check_lm, lookup)
+        worst = decoder_parity(check_path, refs, check_text)
         report[C.VAL_DECODER_REL], report["decoder_max_abs_diff"] = worst["rel"], worst["abs"]
+        report["decoder_parity_layers"] = check_text[C.T_LAYERS]
         done(t, f"prefill + 3 steps, batch 1/2, rel. diff {worst['rel']:.1e} of each scale")
 
-        plan = convert_variant(tmp, args.dtype, batches, text_facts(model), report, steps)
+        sliced = (check_path, check_text) if check else None
+        plan = convert_variant(tmp, args.dtype, batches, text_facts(model), report, steps, sliced)
         step(steps, steps, f"writing bundle {out}")
         copy_side_files(src, tmp)
         manifest = build_manifest(model, processor, prune, src, report)
@@ -243,17 +283,105 @@ def main(args: argparse.Namespace) -> Path:
             "opset": OPSET,
             "vision_exporter": args.vision_exporter,
             "decoder_exporter": args.decoder_exporter,
+            "export_memory": LEAN if weights is not None else FULL,
         }
         adapt_for_transformersjs(tmp, manifest)  # config/processor files for transformers.js
         write_manifest(tmp, manifest)
         # The device self-test's reference: this bundle's own CPU run on real photos.
-        pipe = Pipeline(tmp, SessionConfig(provider="cpu"), verify=False)  # hashed just now
+        pipe = Pipeline(
+            tmp, SessionConfig(provider="cpu", prepack=False), verify=False
+        )  # hashed just now
         manifest[C.KEY_SELFTEST] = save_reference(
-            pipe, small, lambda px: module.scores(torch.from_numpy(px)).numpy()
+            pipe, small, lambda px: same_pixels(px, selftest_px) and selftest_scores
         )
         write_manifest(tmp, manifest, only=C.SELFTEST_FILE)
     summary(out, prune, report)
     return out
+
+
+def load_model(src: Path, memory: str) -> tuple:
+    """(LLaVA model, lean Weights or None). Lean needs safetensors; a .bin checkpoint takes the
+    full route, and the step line says so."""
+    from export.lean import shell
+    from export.load import load_llava
+    from export.safetensors_io import shard_files
+
+    if memory == LEAN and shard_files(src):
+        return shell(src)
+    if memory == LEAN:
+        print("      no .safetensors in the checkpoint: --export-memory lean streams from them; "
+              "loading the whole model instead (full)")  # fmt: skip
+    return load_llava(src), None
+
+
+@contextlib.contextmanager
+def loaded(weights, module, but=None) -> Iterator[None]:
+    """`module`'s real weights (less those only `but` holds) for the PyTorch references; lean:
+    loaded, then released."""
+    if weights is None:
+        yield
+        return
+    names = weights.names_in(module, but)
+    weights.load(names)
+    try:
+        yield
+    finally:
+        weights.release(names)
+
+
+# A decoder whose fp32 weights pass this share of the available memory is checked on a slice.
+PARITY_SHARE = 0.5
+SLICE_LAYERS = 2
+
+
+def export_decoder(exporter: str, lm, path: Path, weights) -> None:
+    """decoder_model_merged.onnx by `exporter`: optimum (lean: traced on stand-ins) or torch
+    (dynamo traces with this graph's weights loaded, then saves tensor by tensor)."""
+    from export.decoder import export_decoder_optimum
+    from export.vision import OPSET
+
+    if exporter == "torch":
+        from export.decoder_torch import export_decoder_torch
+        from export.lean import INLINE_BYTES
+
+        with loaded(weights, lm):
+            limit = INLINE_BYTES if weights is not None else None
+            export_decoder_torch(lm, path, OPSET, inline_limit=limit)
+    else:
+        export_decoder_optimum(lm, path, OPSET, weights)
+
+
+def parity_target(src: Path, lm, weights, tmp: Path, exporter: str):
+    """None: check the decoder itself. Else (lm, Weights, graph, text facts) of its first
+    SLICE_LAYERS layers, exported the same way: the lean export's answer to a decoder whose
+    float32 weights (loaded for PyTorch) would take more than PARITY_SHARE of free memory."""
+    from export.lean import available_bytes, shell
+    from export.manifest import text_facts
+    from svdprune_onnx.text import causal_lm
+
+    if weights is None:
+        return None
+    need, free = weights.nbytes(weights.names_in(lm, lm.get_input_embeddings())), available_bytes()
+    if need <= PARITY_SHARE * free:
+        return None
+    model, slice_weights = shell(src, text_layers=SLICE_LAYERS)
+    path = tmp / ".parity-slice" / Path(C.DECODER_ONNX).name
+    path.parent.mkdir(parents=True)
+    slice_lm = causal_lm(model)
+    export_decoder(exporter, slice_lm, path, slice_weights)
+    print(f"      the fp32 decoder ({need / 2**30:.1f} GiB) is more than {PARITY_SHARE:.0%} of "
+          f"the {free / 2**30:.1f} GiB available: parity on its first {SLICE_LAYERS} layers "
+          f"of {lm.config.num_hidden_layers}, exported the same way")  # fmt: skip
+    return slice_lm, slice_weights, path, text_facts(model)
+
+
+def same_pixels(px, want) -> bool:
+    """The self-test reference's pixels are the ones the scores were computed on (a guard)."""
+    import numpy as np
+
+    if not np.array_equal(px, want):
+        raise RuntimeError("self-test pixels differ from the ones scored at export")
+    return True
 
 
 def done(t: float, text: str) -> None:
@@ -261,24 +389,40 @@ def done(t: float, text: str) -> None:
 
 
 def convert_variant(
-    tmp: Path, dtype: str, batches: list, text: dict, report: dict, steps: int
+    tmp: Path,
+    dtype: str,
+    batches: list,
+    text: dict,
+    report: dict,
+    steps: int,
+    sliced: tuple[Path, dict] | None = None,
 ) -> dict:
     """The --dtype pass on the validated fp32 graphs in `tmp`, re-validated against them.
 
     The fp32 graphs wait in a hidden folder inside `tmp` and are deleted once the variant passes,
-    so a failed variant leaves nothing behind (atomic_dir removes `tmp`).
+    so a failed variant leaves nothing behind (atomic_dir removes `tmp`). `sliced` = (fp32 slice,
+    its text facts): the decoder's variant is judged on that slice, converted the same way.
     """
     import shutil
 
-    from export.dtypes import PLANS, convert_bundle, validate_variant
+    from export.dtypes import PLANS, convert_bundle, convert_graph, validate_variant
 
     if dtype == C.DTYPE_FP32:
+        if sliced:
+            shutil.rmtree(sliced[0].parent)
         return PLANS[dtype]
     t = step(5, steps, f"{dtype} graphs + quality vs fp32")
     ref = tmp / ".fp32"
     plan = convert_bundle(tmp, ref, dtype)
-    report[dtype] = validate_variant(tmp, ref, dtype, batches, text)
+    decoder = None
+    if sliced:
+        variant = sliced[0].with_name(f"{dtype}.onnx")
+        convert_graph(sliced[0], variant, plan[C.DECODER_ONNX], C.DECODER_ONNX)
+        decoder = (variant, sliced[0], sliced[1])
+    report[dtype] = validate_variant(tmp, ref, dtype, batches, text, decoder)
     shutil.rmtree(ref)
+    if sliced:
+        shutil.rmtree(sliced[0].parent)
     dec = report[dtype][C.DECODER_ONNX]
     done(t, f"decoder logits rel. error {dec['logits_rel_err']:.2e}, "
          f"top-1 agreement {dec['top1_agreement']:.2f}")  # fmt: skip

@@ -14,6 +14,7 @@ transformers.js and ONNX Runtime GenAI call decoder_model_merged.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import warnings
@@ -32,6 +33,7 @@ from optimum.utils import (
 )
 
 from export.bundle import data_file
+from export.lean import Weights, capture, finalize
 from runtime import contract as C
 
 # Dummy shapes for tracing: all >= 2 so no axis gets specialised to a constant.
@@ -67,6 +69,25 @@ class InputsEmbedsDecoderOnnxConfig(TextDecoderWithPositionIdsOnnxConfig):
         # optimum sets logits_to_keep=0 (every position); ours overrides it: the last one only.
         kwargs = {**(model_kwargs or {}), "logits_to_keep": C.LOGITS_POSITIONS}
         return super().patch_model_for_export(model, model_kwargs=kwargs)
+
+    def static_output_axes(self, model_path: Path) -> None:
+        """What optimum's fix_dynamic_axes does, without running the graph (the lean export's
+        graph has no weights yet): every output axis the tracer left symbolic although this
+        config does not name it dynamic gets the contract's static size (logits' axis 1 = 1)."""
+        from export.decoder_torch import _io_spec
+
+        allowed = {
+            a for axes in (*self.inputs.values(), *self.outputs.values()) for a in axes.values()
+        }
+        _, want = _io_spec(self._config)
+        model = onnx.load(str(model_path), load_external_data=False)
+        for out in model.graph.output:
+            for dim, size in zip(out.type.tensor_type.shape.dim, want[out.name], strict=True):
+                if dim.HasField("dim_param") and dim.dim_param not in allowed:
+                    if not isinstance(size, int):
+                        raise ValueError(f"{out.name}: axis {dim.dim_param} is not in the contract")
+                    dim.dim_value = size
+        onnx.save(model, str(model_path))
 
     def generate_dummy_inputs(self, framework: str = "pt", **kwargs) -> dict:
         """inputs_embeds (B,S,H), a full mask over P+S, positions P..P+S-1, a past of P."""
@@ -110,12 +131,24 @@ def _move_onnx(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
-def export_decoder_optimum(lm: torch.nn.Module, path: Path, opset: int = 18) -> None:
-    """Export `lm` (see svdprune_onnx.text.causal_lm) to `path` with optimum-onnx."""
+def export_decoder_optimum(
+    lm: torch.nn.Module, path: Path, opset: int = 18, weights: Weights | None = None
+) -> None:
+    """Export `lm` (see svdprune_onnx.text.causal_lm) to `path` with optimum-onnx.
+
+    With `weights` (the lean export) `lm` holds stand-ins: optimum traces them with no weights
+    written, and finalize() streams the real ones in from the checkpoint.
+    """
     cfg = InputsEmbedsDecoderOnnxConfig(
         lm.config, task="text-generation", use_past=True, use_past_in_inputs=True
     )
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
+    if weights is not None:  # optimum's own fix runs the graph, which has no weights yet
+        cfg.fix_dynamic_axes = lambda model_path, **_: cfg.static_output_axes(model_path)
+    with (
+        tempfile.TemporaryDirectory(dir=path.parent) as tmp,
+        warnings.catch_warnings(),
+        capture(weights) if weights is not None else contextlib.nullcontext({}) as captured,
+    ):
         warnings.simplefilter("ignore")
         # Our own validation (export.text_parity) is stricter than optimum's; skip theirs.
         onnx_export_from_model(
@@ -128,3 +161,5 @@ def export_decoder_optimum(lm: torch.nn.Module, path: Path, opset: int = 18) -> 
             no_post_process=True,
         )
         _move_onnx(Path(tmp) / "model.onnx", path)
+    if weights is not None:
+        finalize(path, captured, weights, C.DECODER_ONNX)

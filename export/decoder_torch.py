@@ -24,7 +24,8 @@ from torch import nn
 from torch.export import Dim
 from transformers import DynamicCache, PreTrainedModel
 
-from export.bundle import EXTERNAL_DATA_BYTES, data_file
+from export.bundle import EXTERNAL_DATA_BYTES
+from export.lean import save_ir
 from export.vision import FORBIDDEN_OPS, ExportValidationError
 from runtime import contract as C
 
@@ -146,11 +147,13 @@ def _check_no_control_flow(model: ir.Model) -> None:
         raise ExportValidationError(f"decoder graph contains control flow {bad}; cannot ship it")
 
 
-def export_decoder_torch(lm: PreTrainedModel, path: Path, opset: int = 18) -> None:
+def export_decoder_torch(
+    lm: PreTrainedModel, path: Path, opset: int = 18, inline_limit: int | None = None
+) -> None:
     """Export `lm` (a *ForCausalLM, eager attention) as the merged decoder graph at `path`.
 
-    Weights above ~2 GB go to `<path.name>_data` beside it. Raises ExportValidationError when the
-    graph has control flow or a dynamic axis came out static.
+    Weights above `inline_limit` (default ~2 GB) go to `<path.name>_data` beside it. Raises
+    ExportValidationError when the graph has control flow or a dynamic axis came out static.
     """
     path = Path(path)
     cfg = lm.config
@@ -171,9 +174,5 @@ def export_decoder_torch(lm: PreTrainedModel, path: Path, opset: int = 18) -> No
     _name_axes(program, cfg)
     model = program.model
     _check_no_control_flow(model)
-    data = data_file(path)
-    data.unlink(missing_ok=True)  # a stale file from an earlier, larger export
-    weights = (v.const_value for v in model.graph.initializers.values())
-    size = sum(t.nbytes for t in weights if t is not None)
-    # ir.save streams tensor by tensor from the torch parameters: no second in-memory copy.
-    ir.save(model, path, external_data=data.name if size > EXTERNAL_DATA_BYTES else None)
+    # Streams tensor by tensor from the torch parameters: no second in-memory copy past `limit`.
+    save_ir(model, path, EXTERNAL_DATA_BYTES if inline_limit is None else inline_limit)

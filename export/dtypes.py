@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto
 
 from export.bundle import EXTERNAL_DATA_BYTES, data_file
-from export.vision import ExportValidationError
+from export.vision import ExportValidationError, cpu_session
 from runtime import contract as C
 
 # Which format each graph gets in each bundle variant. The vision graph is never integer-
@@ -248,11 +247,16 @@ def _quiet() -> Iterator[None]:
 
 
 def convert_graph(src: Path, dst: Path, dtype: str, graph: str) -> None:
-    """Write `src` (an fp32 graph) as `dtype` to `dst`."""
+    """Write `src` (an fp32 graph) as `dtype` to `dst`. A graph with external data is converted
+    without loading its weights (export/restream.py): one tensor in memory at a time, plus the
+    4-bit blocks for q4."""
     op_type = "Gather" if graph == C.EMBED_ONNX else "MatMul"
     with _quiet():
         if dtype == C.DTYPE_INT8:
             to_int8(src, dst, op_type)
+            return
+        if data_file(src).is_file():
+            _convert_streamed(src, dst, dtype, graph, op_type)
             return
         if dtype in (C.DTYPE_FP16, C.DTYPE_Q4F16):
             model = load_inferred(src)  # the fp16 converter needs every tensor's type
@@ -262,6 +266,32 @@ def convert_graph(src: Path, dst: Path, dtype: str, graph: str) -> None:
         if dtype in (C.DTYPE_Q4, C.DTYPE_Q4F16) and graph != C.VISION_ONNX:
             model = to_q4(model, op_type)
     save(model, dst)
+
+
+def _convert_streamed(src: Path, dst: Path, dtype: str, graph: str, op_type: str) -> None:
+    """convert_graph for external-data graphs; q4f16 goes through an fp16 graph beside `dst`
+    (half the fp32 bytes on disk, deleted after), as the quantizer reads real fp16 weights."""
+    from export.progress import bar
+    from export.restream import load_structure, save_streamed, shapes_from_dims
+
+    quantize = dtype in (C.DTYPE_Q4, C.DTYPE_Q4F16) and graph != C.VISION_ONNX
+    half = dtype in (C.DTYPE_FP16, C.DTYPE_Q4F16)
+    step = dst.with_name(dst.stem + ".fp16.onnx") if half and quantize else dst
+    with bar(graph_bytes(src), f"{graph} -> {dtype}", unit="B") as progress:
+        if half:
+            model = load_structure(src)
+            with shapes_from_dims():
+                model = to_fp16(model, pruning_nodes(model) if graph == C.VISION_ONNX else [])
+            save_streamed(model, step, src.parent, progress)
+            del model
+        if quantize:
+            fp = step if half else src
+            with contextlib.chdir(fp.parent):  # the quantizer reads weights relative to cwd
+                model = to_q4(load_structure(fp), op_type)
+            save_streamed(model, dst, fp.parent, progress)
+    if step != dst:
+        step.unlink()
+        data_file(step).unlink()
 
 
 def convert_bundle(root: Path, ref: Path, dtype: str) -> dict[str, str]:
@@ -292,10 +322,6 @@ def kept_overlap(idx: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.array(
         [len(set(a) & set(b)) / len(b) for a, b in zip(idx.tolist(), ref.tolist(), strict=True)]
     )
-
-
-def cpu_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def vision_quality(path: Path, ref: Path, batches: list[np.ndarray]) -> dict:
@@ -375,10 +401,16 @@ def _fp32(root: Path, ref: Path, graph: str) -> Path:
 
 
 def validate_variant(
-    root: Path, ref: Path, dtype: str, batches: list[np.ndarray], text: dict
+    root: Path,
+    ref: Path,
+    dtype: str,
+    batches: list[np.ndarray],
+    text: dict,
+    decoder: tuple[Path, Path, dict] | None = None,
 ) -> dict:
     """Compare each converted graph in `root` with its fp32 original in `ref`; raise past the
-    dtype's Tolerance. Returns the figures for the manifest."""
+    dtype's Tolerance. Returns the figures for the manifest. `decoder` = (variant, fp32, text)
+    of a layer slice checks the decoder on it instead (a decoder too big to run twice here)."""
     tol, plan, report = TOLERANCES[dtype], PLANS[dtype], {}
     if plan[C.VISION_ONNX] != C.DTYPE_FP32:
         v = vision_quality(root / C.VISION_ONNX, ref / C.VISION_ONNX, batches)
@@ -397,9 +429,8 @@ def validate_variant(
             f"{dtype} embed_tokens drifts from fp32 by {e['embeds_rel_err']:.3g} (max "
             f"{tol.embed_rel}); export another --dtype"
         )
-    d = decoder_quality(
-        root / C.DECODER_ONNX, ref / C.DECODER_ONNX, _fp32(root, ref, C.EMBED_ONNX), text
-    )
+    got, want, text = decoder or (root / C.DECODER_ONNX, ref / C.DECODER_ONNX, text)
+    d = decoder_quality(got, want, _fp32(root, ref, C.EMBED_ONNX), text)
     report[C.DECODER_ONNX] = d
     if not (
         d["finite"] and d["logits_rel_err"] <= tol.logits_rel and d["top1_agreement"] >= tol.top1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from export.lean import INLINE_BYTES, Weights, capture, finalize, save_ir
 from runtime import contract as C
 from runtime import parity as P
 from svdprune_onnx.vision import PrunedVision
@@ -32,8 +34,13 @@ def export_vision(
     image_size: tuple[int, int],
     exporter: str = "torchscript",
     batch: int | None = None,
+    weights: Weights | None = None,
 ) -> None:
     """Export with a dynamic batch axis (or a fixed `batch`); checker-clean, no Loop/If/Scan.
+
+    With `weights` (the lean export, export/lean.py) `module` holds stand-ins: torchscript traces
+    them and the real weights are streamed in after; dynamo gets this graph's weights loaded for
+    the trace and released after (its ONNX IR saves straight from the torch tensors).
 
     A fixed batch leaves no symbolic dimension in the graph: TensorRT then builds one engine
     for one shape, with no optimisation profiles and no rebuilds.
@@ -44,7 +51,15 @@ def export_vision(
     """
     dummy = torch.zeros(batch or 2, 3, *image_size)
     names = {"input_names": [C.PIXEL_VALUES], "output_names": [C.IMAGE_FEATURES, C.KEPT_INDICES]}
-    with warnings.catch_warnings(), torch.no_grad():
+    lean = weights is not None and exporter == "torchscript"
+    loaded = weights.names_in(module) if weights is not None and not lean else []
+    if loaded:
+        weights.load(loaded)
+    with (
+        capture(weights) if lean else contextlib.nullcontext({}) as captured,
+        warnings.catch_warnings(),
+        torch.no_grad(),
+    ):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             dim = torch.export.Dim(C.AXIS_BATCH, min=1, max=1024)
@@ -56,7 +71,10 @@ def export_vision(
                 dynamic_shapes={C.PIXEL_VALUES: {0: dim}} if batch is None else None,
                 **names,
             )
-            program.save(str(path))
+            if weights is None:
+                program.save(str(path))
+            else:  # from the loaded torch tensors, no in-memory protobuf
+                save_ir(program.model, path, INLINE_BYTES)
         elif exporter == "torchscript":
             axes = {
                 name: {0: C.AXIS_BATCH}
@@ -68,11 +86,15 @@ def export_vision(
             )  # fmt: skip
         else:
             raise ValueError(f"unknown exporter {exporter!r}; choose from {EXPORTERS}")
-    model = onnx.load(str(path))
+    if loaded:
+        weights.release(loaded)
+    model = onnx.load(str(path), load_external_data=False)  # lean: the weightless graph
     _fix_output_shapes(model, module.prune.k, module.out_dim, batch)
     _constants_to_initializers(model)
     onnx.save(model, str(path))
-    onnx.checker.check_model(model, full_check=True)
+    if lean:
+        finalize(path, captured, weights, C.VISION_ONNX)
+    onnx.checker.check_model(str(path), full_check=True)
     bad = sorted({n.op_type for n in model.graph.node} & FORBIDDEN_OPS)
     if bad:
         raise ExportValidationError(f"vision graph contains control flow {bad}; cannot ship it")
@@ -111,11 +133,17 @@ def _fix_output_shapes(model: onnx.ModelProto, k: int, dim: int, batch: int | No
 
 def run_vision(path: Path, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ONNX Runtime CPU run: (B,3,H,W) -> image_features (B,K,D), kept_indices (B,K)."""
-    return _run(_cpu_session(path), pixel_values)
+    return _run(cpu_session(path), pixel_values)
 
 
-def _cpu_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def cpu_session(path: Path) -> ort.InferenceSession:
+    """An export-time check's CPU session. No weight prepacking: MLAS would copy every MatMul
+    weight into packed panels (1x the graph's weights more), while unpacked the weights stay in
+    the page cache's map of <graph>_data; results differ by float rounding only (8.6e-7 abs on
+    the medium vision features)."""
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry(C.ORT_DISABLE_PREPACKING, "1")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _run(sess: ort.InferenceSession, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,8 +151,22 @@ def _run(sess: ort.InferenceSession, pixel_values: np.ndarray) -> tuple[np.ndarr
     return feats, idx
 
 
-def validate_vision(module: PrunedVision, path: Path, batches: list[np.ndarray]) -> dict:
-    """Compare ORT with PyTorch on each batch, relative to scale (runtime.parity).
+def vision_refs(module: PrunedVision, batches: list[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
+    """PyTorch's (features, kept indices, scores) per batch, for validate_vision: computed
+    before the ONNX Runtime session opens (the lean export releases the weights between)."""
+    out = []
+    with torch.no_grad():
+        for pixels in batches:
+            x = torch.from_numpy(pixels)
+            feats, idx = module(x)
+            out.append((feats.numpy(), idx.numpy(), module.scores(x).numpy()))
+    return out
+
+
+def validate_vision(
+    path: Path, batches: list[np.ndarray], refs: list[tuple[np.ndarray, ...]]
+) -> dict:
+    """Compare ORT with PyTorch's `refs` (vision_refs) on each batch, relative to scale.
 
     Kept indices are judged by agreement and leverage mass against PyTorch's own scores (a
     borderline token may flip between kernels); image_features by the relative difference of
@@ -132,11 +174,8 @@ def validate_vision(module: PrunedVision, path: Path, batches: list[np.ndarray])
     """
     worst_abs = worst_rel = 0.0
     picks, ref_picks, ref_scores = [], [], []
-    sess = _cpu_session(path)  # once: a pruned CLIP-L graph takes seconds to load
-    for pixels in batches:
-        x = torch.from_numpy(pixels)
-        with torch.no_grad():
-            ref_feats, ref_idx = (t.numpy() for t in module(x))
+    sess = cpu_session(path)  # once: a pruned CLIP-L graph takes seconds to load
+    for pixels, (ref_feats, ref_idx, scores) in zip(batches, refs, strict=True):
         feats, idx = _run(sess, pixels)
         if idx.dtype != np.int64 or idx.shape != ref_idx.shape:
             raise ExportValidationError(
@@ -144,7 +183,7 @@ def validate_vision(module: PrunedVision, path: Path, batches: list[np.ndarray])
             )
         picks.append(idx)
         ref_picks.append(ref_idx)
-        ref_scores.append(module.scores(x).numpy())
+        ref_scores.append(scores)
         same = idx == ref_idx  # (B, K): rows whose token agrees carry comparable features
         a, b = feats[same], ref_feats[same]
         rel = P.rel_diff(a, b) if a.size else 0.0

@@ -52,6 +52,7 @@ ST_TOKENS = "token_ids"  # (B, T) int64: greedy tokens, -1 after an early eos
 ST_MARGIN = "first_margin"  # (B,) float32: first token's lead over the runner-up / max |logit|
 TJS_CONFIG = "transformers.js_config"  # config.json block: {dtype, use_external_data_format}
 TJS_DTYPE = "fp32"  # transformers.js dtype whose file suffix is "" (our fixed graph names)
+ORT_DISABLE_PREPACKING = "session.disable_prepacking"  # an ONNX Runtime session config key
 EXTERNAL_DATA_SUFFIX = "_data"  # decoder_model_merged.onnx -> decoder_model_merged.onnx_data
 
 # --- graph inputs / outputs ------------------------------------------------------------------

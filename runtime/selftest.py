@@ -59,7 +59,8 @@ def reference_images(sources: Sequence, n: int) -> list[Image.Image]:
 
 def save_reference(pipe, images: list[Image.Image], scores: Callable) -> dict:
     """Preprocess `images` and run `pipe` (a CPU Pipeline over the freshly exported bundle) on
-    them; write the photos, the pixels' digest and the outputs as the reference. Returns the
+    them (closing its vision session once used); write the photos, the pixels' digest and the
+    outputs as the reference. Returns the
     manifest's selftest section.
 
     `scores(pixels) -> (B, N)` gives PyTorch's selection scores (the leverage the graph ranks),
@@ -69,7 +70,7 @@ def save_reference(pipe, images: list[Image.Image], scores: Callable) -> dict:
 
     pixels = preprocess_batch(images, pipe.m[C.KEY_VISION])  # (B, 3, H, W) float32
     prompt = np.array(pipe.prompt_ids(PROMPT), np.int64)
-    kept, feats, tokens, margin = _run(pipe, pixels, prompt, Sampling(NEW_TOKENS))
+    kept, feats, tokens, margin = _run(pipe, pixels, prompt, Sampling(NEW_TOKENS), once=True)
     photos = {C.ST_IMAGE.format(i): np.asarray(im) for i, im in enumerate(images)}
     np.savez_compressed(
         pipe.bundle / C.SELFTEST_FILE,
@@ -95,10 +96,13 @@ def _digest(pixels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pixels, np.float32).tobytes()).hexdigest()
 
 
-def _run(pipe, pixels: np.ndarray, prompt: np.ndarray, sampling) -> tuple:
+def _run(pipe, pixels: np.ndarray, prompt: np.ndarray, sampling, once: bool = False) -> tuple:
     """One vision batch (a static graph's own size), then each photo's greedy answer alone:
-    kept (B,K), feats (B,K,D), tokens (B, T) padded with -1 after an early eos."""
+    kept (B,K), feats (B,K,D), tokens (B, T) padded with -1 after an early eos. `once`: the
+    vision session is closed after its batch (the export's run: one graph's weights mapped)."""
     feats, kept = pipe.run_vision(pixels)
+    if once:
+        pipe.vision = None
     tokens, margins = [], []
     for i in range(len(pixels)):
         out = (feats[i : i + 1], kept[i : i + 1])

@@ -86,6 +86,9 @@ class SessionConfig:
     # TensorRT's vision engine in fp32 even for fp16 bundles: set by the self-test when fp16
     # kernels changed the pruning (runtime/selftest.py)
     vision_fp32: bool = False
+    # MLAS copies MatMul weights into packed panels (faster; 1x the weights more memory). The
+    # export's self-test reference run turns it off to stay within one copy of the weights.
+    prepack: bool = True
 
 
 def _trt_options(bundle: Path, fp16: bool) -> dict:
@@ -200,6 +203,8 @@ def open_session(path: Path, cfg: SessionConfig, wanted: list) -> ort.InferenceS
     opts = ort.SessionOptions()
     opts.graph_optimization_level = OPT_LEVELS[cfg.opt_level]
     opts.intra_op_num_threads = cfg.threads
+    if not cfg.prepack:
+        opts.add_session_config_entry(C.ORT_DISABLE_PREPACKING, "1")
     opts.log_severity_level = 3  # ORT's own fallback warnings are replaced by ours below
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
     first = wanted[0][0] if isinstance(wanted[0], tuple) else wanted[0]

@@ -66,6 +66,9 @@ PRESETS: dict[str, Sizes] = {
     # The tiny tower with a 512-wide Llama-style decoder (4.8 M weights): big enough that weight
     # bytes, not graph structure, set a decoder file's size (the q4 size test), still seconds.
     "small": Sizes(64, 128, 3, 4, 512, 1408, 2, 8, 2),
+    # Weight-dominated: the tiny tower, 2 text layers 1024 wide and a 131,072-token vocabulary
+    # (two 512 MiB tables, untied): the export's peak-memory test (tests/test_lean.py).
+    "wide": Sizes(64, 128, 3, 4, 1024, 1408, 2, 8, 2, vocab=131072),
     # The tiny shapes with real-checkpoint activation statistics: parity, fidelity and e2e tests.
     "realistic": Sizes(64, 128, 3, 4, 64, 128, 2, 4, 2, realistic=True),
     # Real shapes (random weights): CLIP ViT-L/14-336 + a Qwen2-0.5B-shaped decoder, as

@@ -19,9 +19,10 @@ import torch
 
 from export.decoder import export_decoder_optimum
 from export.load import load_image_processor, load_llava
+from export.manifest import text_facts
 from export.photos import validation_batches
-from export.text_graphs import decoder_parity
-from export.vision import OPSET, export_vision, validate_vision
+from export.text_graphs import decoder_parity, decoder_refs
+from export.vision import OPSET, export_vision, validate_vision, vision_refs
 from runtime import contract as C
 from runtime.parity import DECODER_RTOL, FEATURE_RTOL, below_floor, selection_figures
 from svdprune_onnx import leverage as lev
@@ -87,16 +88,18 @@ def test_vision_parity_relative(realistic_clip: Path, photos, tmp_path: Path, me
     pixels = _pixels(realistic_clip, photos[:6])
     module = PrunedVision(load_llava(realistic_clip), PruneConfig(k=K, n=N, method=method)).eval()
     export_vision(module, tmp_path / "v.onnx", (336, 336))
-    report = validate_vision(module, tmp_path / "v.onnx", [pixels[:1], pixels])  # raises below
+    batches = [pixels[:1], pixels]
+    report = validate_vision(tmp_path / "v.onnx", batches, vision_refs(module, batches))  # raises
     assert report[C.VAL_FEATURES_REL] <= FEATURE_RTOL
     assert below_floor(report[C.VAL_SELECTION]) is None
 
 
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
 def test_decoder_parity_relative(request, tower: str, tmp_path: Path) -> None:
-    lm = causal_lm(load_llava(request.getfixturevalue(f"realistic_{tower}")))
+    model = load_llava(request.getfixturevalue(f"realistic_{tower}"))
+    lm = causal_lm(model)
     export_decoder_optimum(lm, tmp_path / "d.onnx", OPSET)
-    worst = decoder_parity(lm, tmp_path / "d.onnx")  # raises above DECODER_RTOL
+    worst = decoder_parity(tmp_path / "d.onnx", decoder_refs(lm), text_facts(model))  # raises
     assert worst["rel"] <= DECODER_RTOL
 
 

@@ -1,0 +1,124 @@
+"""Convert a graph whose weights live in external data without loading them all: fp16, q4.
+
+    <graph>.onnx (structure) + <graph>.onnx_data (fp32 or fp16 weights, never loaded whole)
+      ├─ fp16: ONNX Runtime's converter rewrites the structure alone (each weight keeps its
+      │        reference to the old bytes); restream() then casts one tensor at a time
+      └─ q4:   ONNX Runtime's MatMulNBits quantizer reads each weight it quantizes from the file
+               (one at a time) and keeps only the 4-bit blocks, 1/8 of the float32 bytes
+    save_streamed(): every weight, old bytes or new blocks, into the new <graph>.onnx_data,
+    one tensor at a time, each freed once written
+
+The converters are the same functions the in-memory path calls (export/dtypes.py), so the
+graphs are the same; only where the bytes wait differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from export.bundle import data_file
+
+_FLOAT16_LIMITS = {"min_positive_val": 5.96e-08, "max_finite_val": 65504.0}  # the converter's
+
+
+def _external(tensor: TensorProto) -> dict[str, str] | None:
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def load_structure(path: Path) -> onnx.ModelProto:
+    """The graph at `path` with shapes inferred on disk and no weight loaded (its external
+    locations stay relative to `path`'s folder: run the quantizer inside it)."""
+    tmp = path.with_name(path.stem + ".inferred.onnx")
+    onnx.shape_inference.infer_shapes_path(str(path), str(tmp))
+    try:
+        return onnx.load(str(tmp), load_external_data=False)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def shapes_from_dims() -> Iterator[None]:
+    """The fp16 converter builds a value_info per converted weight by reading the whole tensor
+    (numpy_helper.to_array) only to learn its shape: take the dims from the proto instead."""
+    from onnxruntime.transformers import float16
+
+    original = float16.make_value_info_from_tensor
+
+    def from_dims(tensor: TensorProto) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+
+    float16.make_value_info_from_tensor = from_dims
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
+def _read(base: Path, info: dict[str, str], dtype: np.dtype) -> np.ndarray:
+    offset, length = int(info.get("offset", 0)), int(info["length"])
+    with open(base / info["location"], "rb") as f:
+        f.seek(offset)
+        raw = np.empty(length, np.uint8)
+        f.readinto(memoryview(raw))
+    return raw.view(dtype)
+
+
+def _stored_dtype(tensor: TensorProto, info: dict[str, str]) -> np.dtype:
+    """The dtype of the bytes on disk: a tensor the fp16 converter retyped still points at its
+    float32 bytes (twice the length the new type implies)."""
+    n = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.data_type == TensorProto.FLOAT16 and int(info["length"]) == 4 * n:
+        return np.dtype(np.float32)
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+
+
+def tensor_bytes(tensor: TensorProto, base: Path) -> np.ndarray:
+    """One weight's final bytes: inline data as is, external data read (and cast to fp16 when
+    the converter retyped it, clamped exactly as its convert_np_to_float16 does)."""
+    if (info := _external(tensor)) is None:
+        return np.frombuffer(tensor.raw_data, np.uint8)
+    stored = _stored_dtype(tensor, info)
+    arr = _read(base, info, stored)
+    if stored == np.float32 and tensor.data_type == TensorProto.FLOAT16:
+        from onnxruntime.transformers.float16 import convert_np_to_float16
+
+        arr = convert_np_to_float16(arr, **_FLOAT16_LIMITS)
+    return arr.view(np.uint8)
+
+
+def save_streamed(model: onnx.ModelProto, path: Path, base: Path, bar=None) -> None:
+    """Write `model` to `path` + `path`_data: every initializer of 1 KiB or more, external
+    (relative to folder `base`) or in memory, goes to the data file one at a time and is dropped
+    from memory once written."""
+    data = data_file(path)
+    part = data.with_name(data.name + ".part")
+    offset = 0
+    with open(part, "wb") as f:
+        for tensor in model.graph.initializer:
+            external = _external(tensor) is not None
+            if not external and len(tensor.raw_data) < 1024:
+                continue  # small (or typed-field) constants stay inline, as onnx's writer keeps
+            blob = tensor_bytes(tensor, base)
+            offset += -offset % 4096
+            f.seek(offset)
+            f.write(memoryview(blob))
+            del tensor.external_data[:]
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+            where = {"location": data.name, "offset": offset, "length": blob.nbytes}
+            for key, value in where.items():
+                tensor.external_data.add(key=key, value=str(value))
+            offset += blob.nbytes
+            if bar is not None:
+                bar.update(blob.nbytes)
+    path.unlink(missing_ok=True)
+    part.replace(data)
+    onnx.save(model, str(path))
