@@ -97,9 +97,7 @@ def run_export(export_args: list[str], out: Path) -> dict:
     status = proc.wait()
     wall = time.perf_counter() - t_start
     sampler.join()
-    if status != 0:
-        tail = "".join(log[-20:])
-        raise SystemExit(f"error: the export failed:\n{tail}")
+    error = "".join(log[-20:]) if status != 0 else None
     ends = [s["t0"] for s in steps[1:]] + [t_start + wall]
     for s, end in zip(steps, ends, strict=True):
         s["seconds"] = end - s.pop("t0")
@@ -107,7 +105,7 @@ def run_export(export_args: list[str], out: Path) -> dict:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     peak = max(s["peak_bytes"] for s in steps)
     return {"command": cmd[1:], "wall_s": wall, "peak_bytes": peak, "bundle_bytes": size,
-            "steps": steps}  # fmt: skip
+            "steps": steps, "error": error}  # fmt: skip
 
 
 def table(result: dict) -> str:
@@ -149,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     report = OUT_DIR / f"{out.name}.json"
     report.write_text(json.dumps({"environment": env, **result}, indent=1) + "\n")
     print(f"\nwrote {report}")
+    if result["error"]:  # the figures up to the failure are printed and saved above
+        print(f"\nerror: the export failed:\n{result['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -30,11 +30,12 @@ SHARD_BYTES = 4 * 2**30
 SHAPES = {
     "llava-1.5-7b": {
         "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                   "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
+                   "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+                   "projection_dim": 768},
         "text": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
                  "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-                 "tie_word_embeddings": False},
+                 "head_dim": 128, "tie_word_embeddings": False},
     },
 }  # fmt: skip
 
@@ -73,6 +74,8 @@ def build(shape: str, models: Path = MODELS, seed: int = 0) -> Path:
         with torch.device("meta"):
             model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(tmp))
         params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+        count = sum(int(np.prod(dims)) for _, dims in params)
+        print(f"{shape}: {count / 1e9:.2f} B parameters, {2 * count / 2**30:.1f} GiB in fp16")
         shards, current, size = [], [], 0
         for name, dims in params:  # ~SHARD_BYTES per file, as hub checkpoints are split
             nbytes = 2 * int(np.prod(dims))

@@ -413,7 +413,7 @@ def convert_variant(
         return PLANS[dtype]
     t = step(5, steps, f"{dtype} graphs + quality vs fp32")
     ref = tmp / ".fp32"
-    plan = convert_bundle(tmp, ref, dtype)
+    plan = convert_bundle(tmp, ref, dtype, frozenset({C.DECODER_ONNX} if sliced else ()))
     decoder = None
     if sliced:
         variant = sliced[0].with_name(f"{dtype}.onnx")

@@ -23,6 +23,7 @@ checks against PyTorch with the real weights catch one if a new family brings it
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import mmap
 from collections.abc import Iterator
@@ -43,10 +44,6 @@ INLINE_BYTES = 64 * 2**20
 # A transposed weight is written in pieces of this size, not as a second full copy.
 CHUNK_BYTES = 16 * 2**20
 _MAPS: list[mmap.mmap] = []  # keeps stand-in mappings alive for the process (they cost no RSS)
-
-
-class LeanExportError(RuntimeError):
-    """The lean export cannot map a graph initializer back to the checkpoint."""
 
 
 def mmap_big_allocations() -> None:
@@ -182,6 +179,9 @@ class Weights:
         for name in names:
             self._unmap(name)
             self._set(name, zero_page(self.shards.shape(self.key[name])))
+        # A traced program (dynamo's ExportedProgram) may sit in a reference cycle that still
+        # holds the released tensors: collect it now, not at some later allocation.
+        gc.collect()
 
     def _unmap(self, name: str) -> None:
         module, leaf, _ = self.groups[name][0]

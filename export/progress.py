@@ -11,6 +11,15 @@ import sys
 from tqdm import tqdm
 
 
+def steps(items, desc: str):
+    """`items` with a bar of one tick per item (parity batches and decode steps)."""
+    items = list(items)
+    with bar(len(items), desc) as progress:
+        for item in items:
+            yield item
+            progress.update(1)
+
+
 def bar(total: int | None, desc: str, unit: str = "it") -> tqdm:
     """A context-managed bar; unit "B" scales to kB/MB/GB."""
     return tqdm(

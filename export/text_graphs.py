@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from export.lean import Weights, capture, finalize
+from export.progress import steps as tqdm_steps
 from export.vision import ExportValidationError, cpu_session
 from runtime import contract as C
 from runtime.parity import DECODER_RTOL, rel_diff
@@ -153,7 +154,7 @@ def decoder_parity(path: Path, refs: list[tuple[dict, list]], text: dict) -> dic
     out_names = [C.LOGITS] + [n for i in range(n_layers) for n in C.present_names(i)]
     worst = {"rel": 0.0, "abs": 0.0}
     feed: dict[str, np.ndarray] = {}
-    for inputs, want in refs:
+    for inputs, want in tqdm_steps(refs, "decoder parity"):
         step = inputs["step"]
         batch = len(inputs[C.INPUTS_EMBEDS])
         if step == 0:

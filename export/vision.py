@@ -12,6 +12,7 @@ import onnxruntime as ort
 import torch
 
 from export.lean import INLINE_BYTES, Weights, capture, finalize, save_ir
+from export.progress import steps
 from runtime import contract as C
 from runtime import parity as P
 from svdprune_onnx.vision import PrunedVision
@@ -175,7 +176,7 @@ def validate_vision(
     worst_abs = worst_rel = 0.0
     picks, ref_picks, ref_scores = [], [], []
     sess = cpu_session(path)  # once: a pruned CLIP-L graph takes seconds to load
-    for pixels, (ref_feats, ref_idx, scores) in zip(batches, refs, strict=True):
+    for pixels, (ref_feats, ref_idx, scores) in steps(zip(batches, refs, strict=True), "parity"):
         feats, idx = _run(sess, pixels)
         if idx.dtype != np.int64 or idx.shape != ref_idx.shape:
             raise ExportValidationError(

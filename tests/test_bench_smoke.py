@@ -60,7 +60,7 @@ def test_export_memory_reports_every_step(tmp_path, monkeypatch) -> None:
     from bench import export_memory
 
     monkeypatch.setattr(export_memory, "OUT_DIR", tmp_path)
-    assert export_memory.main(["--preset", "tiny", "--", "--rank", "4"]) == 0
+    assert export_memory.main(["--preset", "tiny", "--keep", "--", "--rank", "4"]) == 0
     (report,) = tmp_path.glob("*.json")
     result = json.loads(report.read_text())
     steps = [s["step"][:5] for s in result["steps"]]

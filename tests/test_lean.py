@@ -154,6 +154,7 @@ def test_peak_rss_within_one_and_a_half_weights(models_root: Path, tmp_path: Pat
     for memory in (LEAN, FULL):
         args = ["-m", str(ckpt), "--k", "16", "--method", "norm", "--export-memory", memory]
         runs[memory] = run_export(args, tmp_path / memory)
+        assert runs[memory]["error"] is None, runs[memory]["error"]
     largest = _graph_bytes(tmp_path / LEAN)
     assert largest > 4 * FIXED_BYTES  # weight-dominated, as intended
     for memory, run in runs.items():
@@ -175,9 +176,11 @@ def test_big_decoder_is_checked_on_a_slice(tiny_clip: Path, tmp_path: Path, monk
     import json
 
     import export.__main__ as cli_module
+    import export.lean
 
     monkeypatch.setattr(cli_module, "PARITY_SHARE", 0.0)
     monkeypatch.setattr(cli_module, "SLICE_LAYERS", 1)
+    monkeypatch.setattr(export.lean, "INLINE_BYTES", 0)  # the streamed path, as a 7B takes
     out = bundle(tiny_clip, tmp_path / "b", "--dtype", "q4f16")
     manifest = json.loads((out / C.MANIFEST_FILE).read_text())
     assert manifest[C.KEY_VALIDATION]["decoder_parity_layers"] == 1
