@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto
 
 from export.bundle import EXTERNAL_DATA_BYTES, data_file
+from export.restream import load_inferred
 from export.vision import ExportValidationError, cpu_session
 from runtime import contract as C
 
@@ -208,16 +209,6 @@ def graph_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
-def load_inferred(path: Path) -> onnx.ModelProto:
-    """The model with shapes inferred on disk (works past 2 GB, unlike in-memory inference)."""
-    tmp = path.with_name(path.stem + ".inferred.onnx")
-    onnx.shape_inference.infer_shapes_path(str(path), str(tmp))
-    try:
-        return onnx.load(str(tmp))  # its external data, if any, is still the source's file
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save(model: onnx.ModelProto, path: Path) -> None:
     """Write `path` (and `path`_data when the weights pass EXTERNAL_DATA_BYTES)."""
     weights = sum(len(t.raw_data) for t in model.graph.initializer)
@@ -259,7 +250,7 @@ def convert_graph(src: Path, dst: Path, dtype: str, graph: str, consume: bool = 
             _convert_streamed(src, dst, dtype, graph, op_type, consume)
             return
         if dtype in (C.DTYPE_FP16, C.DTYPE_Q4F16):
-            model = load_inferred(src)  # the fp16 converter needs every tensor's type
+            model = load_inferred(src, weights=True)  # the fp16 converter needs every type
             model = to_fp16(model, pruning_nodes(model) if graph == C.VISION_ONNX else [])
         else:
             model = onnx.load(str(src))
@@ -274,14 +265,14 @@ def _convert_streamed(
     """convert_graph for external-data graphs; q4f16 goes through an fp16 graph beside `dst`
     (half the fp32 bytes on disk, deleted after), as the quantizer reads real fp16 weights."""
     from export.progress import bar
-    from export.restream import load_structure, save_streamed, shapes_from_dims
+    from export.restream import save_streamed, shapes_from_dims
 
     quantize = dtype in (C.DTYPE_Q4, C.DTYPE_Q4F16) and graph != C.VISION_ONNX
     half = dtype in (C.DTYPE_FP16, C.DTYPE_Q4F16)
     step = dst.with_name(dst.stem + ".fp16.onnx") if half and quantize else dst
     with bar(graph_bytes(src), f"{graph} -> {dtype}", unit="B") as progress:
         if half:
-            model = load_structure(src)
+            model = load_inferred(src)
             with shapes_from_dims():
                 model = to_fp16(model, pruning_nodes(model) if graph == C.VISION_ONNX else [])
             save_streamed(model, step, src.parent, progress)
@@ -291,7 +282,7 @@ def _convert_streamed(
         if quantize:
             fp = step if half else src
             with contextlib.chdir(fp.parent):  # the quantizer reads weights relative to cwd
-                model = to_q4(load_structure(fp), op_type)
+                model = to_q4(load_inferred(fp), op_type)
             save_streamed(model, dst, fp.parent, progress)
     if step != dst:
         step.unlink()

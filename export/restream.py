@@ -33,13 +33,14 @@ def _external(tensor: TensorProto) -> dict[str, str] | None:
     return {e.key: e.value for e in tensor.external_data}
 
 
-def load_structure(path: Path) -> onnx.ModelProto:
-    """The graph at `path` with shapes inferred on disk and no weight loaded (its external
-    locations stay relative to `path`'s folder: run the quantizer inside it)."""
+def load_inferred(path: Path, weights: bool = False) -> onnx.ModelProto:
+    """The graph at `path` with shapes inferred on disk (works past 2 GB, unlike in-memory
+    inference); without `weights` its external data stays on disk, its locations relative to
+    `path`'s folder (run the quantizer inside it)."""
     tmp = path.with_name(path.stem + ".inferred.onnx")
     onnx.shape_inference.infer_shapes_path(str(path), str(tmp))
     try:
-        return onnx.load(str(tmp), load_external_data=False)
+        return onnx.load(str(tmp), load_external_data=weights)  # data: still the source's file
     finally:
         tmp.unlink(missing_ok=True)
 
