@@ -413,7 +413,19 @@ def convert_variant(
         return PLANS[dtype]
     t = step(5, steps, f"{dtype} graphs + quality vs fp32")
     ref = tmp / ".fp32"
-    plan = convert_bundle(tmp, ref, dtype, frozenset({C.DECODER_ONNX} if sliced else ()))
+    clamped: dict[str, dict] = {}
+    plan = convert_bundle(tmp, ref, dtype, frozenset({C.DECODER_ONNX} if sliced else ()), clamped)
+    # fp16 holds |w| <= 65504: a weight beyond (bf16 checkpoints can have them) is clamped,
+    # said here and recorded; the quality check below judges what that did to the outputs
+    n = sum(c for graph in clamped.values() for c, _ in graph.values())
+    if n:
+        graph, name, (_, peak) = max(
+            ((g, k, v) for g, d in clamped.items() for k, v in d.items()), key=lambda x: x[2][1]
+        )
+        print(f"      fp16: {n} weight values beyond +-65504 clamped to it, in "
+              f"{sum(map(len, clamped.values()))} tensors (largest |w| {peak:.3g}, {name} "
+              f"in {graph})")  # fmt: skip
+    report["fp16_clamped"] = {g: {k: list(v) for k, v in d.items()} for g, d in clamped.items()}
     decoder = None
     if sliced:
         variant = sliced[0].with_name(f"{dtype}.onnx")

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from export.bundle import EXTERNAL_DATA_BYTES, data_file
-from export.restream import load_inferred
+from export.restream import fp16_overflow, load_inferred
 from export.vision import ExportValidationError, cpu_session
 from runtime import contract as C
 
@@ -237,30 +237,44 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def convert_graph(src: Path, dst: Path, dtype: str, graph: str, consume: bool = False) -> None:
+def convert_graph(
+    src: Path, dst: Path, dtype: str, graph: str, consume: bool = False
+) -> dict[str, tuple[int, float]]:
     """Write `src` (an fp32 graph) as `dtype` to `dst`. A graph with external data is converted
     without loading its weights (export/restream.py): one tensor in memory at a time, plus the
-    4-bit blocks for q4. `consume`: delete `src` once read (disk: a 7B fp32 decoder is 27 GB)."""
+    4-bit blocks for q4. `consume`: delete `src` once read (disk: a 7B fp32 decoder is 27 GB).
+    Returns the weights whose values passed the fp16 range and were clamped to +-65504 (a bf16
+    checkpoint's can): {initializer: (values clamped, largest |value|)}."""
+    clamped: dict[str, tuple[int, float]] = {}
     op_type = "Gather" if graph == C.EMBED_ONNX else "MatMul"
     with _quiet():
         if dtype == C.DTYPE_INT8:
             to_int8(src, dst, op_type)
-            return
+            return clamped
         if data_file(src).is_file():
-            _convert_streamed(src, dst, dtype, graph, op_type, consume)
-            return
+            _convert_streamed(src, dst, dtype, graph, op_type, consume, clamped)
+            return clamped
         if dtype in (C.DTYPE_FP16, C.DTYPE_Q4F16):
             model = load_inferred(src, weights=True)  # the fp16 converter needs every type
+            over = {
+                t.name: fp16_overflow(numpy_helper.to_array(t))
+                for t in model.graph.initializer
+                if t.data_type == TensorProto.FLOAT
+            }
             model = to_fp16(model, pruning_nodes(model) if graph == C.VISION_ONNX else [])
+            for t in model.graph.initializer:  # the ones the converter made fp16
+                if t.data_type == TensorProto.FLOAT16 and over.get(t.name, (0,))[0]:
+                    clamped[t.name] = over[t.name]
         else:
             model = onnx.load(str(src))
         if dtype in (C.DTYPE_Q4, C.DTYPE_Q4F16) and graph != C.VISION_ONNX:
             model = to_q4(model, op_type)
     save(model, dst)
+    return clamped
 
 
 def _convert_streamed(
-    src: Path, dst: Path, dtype: str, graph: str, op_type: str, consume: bool
+    src: Path, dst: Path, dtype: str, graph: str, op_type: str, consume: bool, clamped: dict
 ) -> None:
     """convert_graph for external-data graphs; q4f16 goes through an fp16 graph beside `dst`
     (half the fp32 bytes on disk, deleted after), as the quantizer reads real fp16 weights."""
@@ -275,7 +289,7 @@ def _convert_streamed(
             model = load_inferred(src)
             with shapes_from_dims():
                 model = to_fp16(model, pruning_nodes(model) if graph == C.VISION_ONNX else [])
-            save_streamed(model, step, src.parent, progress)
+            save_streamed(model, step, src.parent, progress, clamped)
             del model
             if consume and quantize:  # the quantizer reads the fp16 step, not `src`
                 data_file(src).unlink()
@@ -290,11 +304,16 @@ def _convert_streamed(
 
 
 def convert_bundle(
-    root: Path, ref: Path, dtype: str, consume: frozenset[str] = frozenset()
+    root: Path,
+    ref: Path,
+    dtype: str,
+    consume: frozenset[str] = frozenset(),
+    clamped: dict | None = None,
 ) -> dict[str, str]:
     """Move the fp32 graphs of bundle folder `root` to `ref` and write the `dtype` variant in
     their place; returns {graph: graph dtype}. Graphs in `consume` (checked on a slice, not
-    against their fp32 file) lose their fp32 file as soon as the conversion has read it."""
+    against their fp32 file) lose their fp32 file as soon as the conversion has read it;
+    `clamped` collects convert_graph's fp16 clamps per graph."""
     plan = PLANS[dtype]
     for graph, graph_dtype in plan.items():
         if graph_dtype == C.DTYPE_FP32:
@@ -304,7 +323,9 @@ def convert_bundle(
         (root / graph).replace(kept)
         if data_file(root / graph).is_file():
             data_file(root / graph).replace(data_file(kept))
-        convert_graph(kept, root / graph, graph_dtype, graph, consume=graph in consume)
+        over = convert_graph(kept, root / graph, graph_dtype, graph, consume=graph in consume)
+        if clamped is not None and over:
+            clamped[graph] = over
     return plan
 
 

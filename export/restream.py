@@ -81,9 +81,17 @@ def _stored_dtype(tensor: TensorProto, info: dict[str, str]) -> np.dtype:
     return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
 
 
-def tensor_bytes(tensor: TensorProto, base: Path) -> np.ndarray:
+def fp16_overflow(arr: np.ndarray) -> tuple[int, float]:
+    """(values beyond +-65504, which fp16 conversion clamps to it; the largest |value|)."""
+    peak = float(np.abs(arr).max()) if arr.size else 0.0
+    limit = _FLOAT16_LIMITS["max_finite_val"]
+    return (int(np.count_nonzero(np.abs(arr) > limit)) if peak > limit else 0), peak
+
+
+def tensor_bytes(tensor: TensorProto, base: Path, clamped: dict | None = None) -> np.ndarray:
     """One weight's final bytes: inline data as is, external data read (and cast to fp16 when
-    the converter retyped it, clamped exactly as its convert_np_to_float16 does)."""
+    the converter retyped it, clamped exactly as its convert_np_to_float16 does; weights with
+    values beyond the fp16 range are recorded in `clamped` as {name: (count, largest |w|)})."""
     if (info := _external(tensor)) is None:
         return np.frombuffer(tensor.raw_data, np.uint8)
     stored = _stored_dtype(tensor, info)
@@ -91,11 +99,16 @@ def tensor_bytes(tensor: TensorProto, base: Path) -> np.ndarray:
     if stored == np.float32 and tensor.data_type == TensorProto.FLOAT16:
         from onnxruntime.transformers.float16 import convert_np_to_float16
 
+        if clamped is not None and (over := fp16_overflow(arr))[0]:
+            clamped[tensor.name] = over
+
         arr = convert_np_to_float16(arr, **_FLOAT16_LIMITS)
     return arr.view(np.uint8)
 
 
-def save_streamed(model: onnx.ModelProto, path: Path, base: Path, bar=None) -> None:
+def save_streamed(
+    model: onnx.ModelProto, path: Path, base: Path, bar=None, clamped: dict | None = None
+) -> None:
     """Write `model` to `path` + `path`_data: every initializer of 1 KiB or more, external
     (relative to folder `base`) or in memory, goes to the data file one at a time and is dropped
     from memory once written."""
@@ -107,7 +120,7 @@ def save_streamed(model: onnx.ModelProto, path: Path, base: Path, bar=None) -> N
             external = _external(tensor) is not None
             if not external and len(tensor.raw_data) < 1024:
                 continue  # small (or typed-field) constants stay inline, as onnx's writer keeps
-            blob = tensor_bytes(tensor, base)
+            blob = tensor_bytes(tensor, base, clamped)
             offset += -offset % 4096
             f.seek(offset)
             f.write(memoryview(blob))

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from export.__main__ import FULL, LEAN
 from export.__main__ import cli as export_cli
+from export.bundle import data_file
 from export.dtypes import graph_bytes
 from export.safetensors_io import ShardError, Shards, write_shard
 from runtime import contract as C
@@ -186,3 +187,34 @@ def test_big_decoder_is_checked_on_a_slice(tiny_clip: Path, tmp_path: Path, monk
     assert manifest[C.KEY_VALIDATION]["decoder_parity_layers"] == 1
     assert not list(out.rglob("*slice*"))
     assert manifest[C.KEY_VALIDATION][C.DTYPE_Q4F16][C.DECODER_ONNX]["top1_agreement"] >= 0.4
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_fp16_clamps_are_reported(tmp_path: Path, external: bool) -> None:
+    """A weight beyond fp16's range (bf16 checkpoints have them) is clamped to +-65504 by both
+    conversions, in memory and streamed, and convert_graph says which and by how much."""
+    from onnx import TensorProto, helper
+
+    from export.dtypes import convert_graph
+
+    w = np.zeros((4, 3), np.float32)
+    w[1, 2], w[0, 0] = 7e4, -1e5
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    src = tmp_path / "src.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    if external:
+        onnx.save(model, str(src), save_as_external_data=True, size_threshold=0,
+                  location=data_file(src).name)  # fmt: skip
+    else:
+        onnx.save(model, str(src))
+    dst = tmp_path / "dst.onnx"
+    clamped = convert_graph(src, dst, "fp16", C.DECODER_ONNX)
+    assert clamped == {"w": (2, 1e5)}
+    (got,) = [numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer]
+    assert got.dtype == np.float16 and got[1, 2] == 65504 and got[0, 0] == -65504
