@@ -23,7 +23,6 @@ checks against PyTorch with the real weights catch one if a new family brings it
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import mmap
 from collections.abc import Iterator
@@ -43,7 +42,6 @@ from export.safetensors_io import Shards, map_keys
 INLINE_BYTES = 64 * 2**20
 # A transposed weight is written in pieces of this size, not as a second full copy.
 CHUNK_BYTES = 16 * 2**20
-_MAPS: list[mmap.mmap] = []  # keeps stand-in mappings alive for the process (they cost no RSS)
 
 
 def mmap_big_allocations() -> None:
@@ -70,8 +68,8 @@ def zero_page(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> tor
     if count == 0:
         return torch.zeros(shape, dtype=dtype)
     size = torch.empty((), dtype=dtype).element_size()
+    # the tensor holds the mapping (frombuffer keeps its buffer object): unmapped with it
     m = mmap.mmap(-1, count * size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    _MAPS.append(m)
     return torch.frombuffer(m, dtype=dtype, count=count).view(shape)
 
 
@@ -179,9 +177,6 @@ class Weights:
         for name in names:
             self._unmap(name)
             self._set(name, zero_page(self.shards.shape(self.key[name])))
-        # A traced program (dynamo's ExportedProgram) may sit in a reference cycle that still
-        # holds the released tensors: collect it now, not at some later allocation.
-        gc.collect()
 
     def _unmap(self, name: str) -> None:
         module, leaf, _ = self.groups[name][0]
