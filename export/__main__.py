@@ -335,18 +335,15 @@ SLICE_LAYERS = 2
 
 
 def export_decoder(exporter: str, lm, path: Path, weights) -> None:
-    """decoder_model_merged.onnx by `exporter`: optimum (lean: traced on stand-ins) or torch
-    (dynamo traces with this graph's weights loaded, then saves tensor by tensor)."""
+    """decoder_model_merged.onnx by `exporter`, optimum or torch (dynamo); lean: traced on
+    stand-ins, the weights streamed from the checkpoint as the graph is written."""
     from export.decoder import export_decoder_optimum
     from export.vision import OPSET
 
     if exporter == "torch":
         from export.decoder_torch import export_decoder_torch
-        from export.lean import INLINE_BYTES
 
-        with loaded(weights, lm):
-            limit = INLINE_BYTES if weights is not None else None
-            export_decoder_torch(lm, path, OPSET, inline_limit=limit)
+        export_decoder_torch(lm, path, OPSET, weights)
     else:
         export_decoder_optimum(lm, path, OPSET, weights)
 

@@ -15,7 +15,6 @@ tensor, and the cache's Concat passes it through.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import onnx_ir as ir
@@ -25,7 +24,8 @@ from torch.export import Dim
 from transformers import DynamicCache, PreTrainedModel
 
 from export.bundle import EXTERNAL_DATA_BYTES
-from export.lean import save_ir
+from export.lean import INLINE_BYTES, Weights
+from export.lean_ir import export_program, save_ir
 from export.vision import FORBIDDEN_OPS, ExportValidationError
 from runtime import contract as C
 
@@ -148,31 +148,29 @@ def _check_no_control_flow(model: ir.Model) -> None:
 
 
 def export_decoder_torch(
-    lm: PreTrainedModel, path: Path, opset: int = 18, inline_limit: int | None = None
+    lm: PreTrainedModel, path: Path, opset: int = 18, weights: Weights | None = None
 ) -> None:
     """Export `lm` (a *ForCausalLM, eager attention) as the merged decoder graph at `path`.
 
-    Weights above `inline_limit` (default ~2 GB) go to `<path.name>_data` beside it. Raises
-    ExportValidationError when the graph has control flow or a dynamic axis came out static.
+    With `weights` (the lean export) `lm` holds stand-ins and each weight is read from the
+    checkpoint as it is saved (export/lean_ir.py); past INLINE_BYTES of weights they go to
+    `<path.name>_data` beside it (without: past ~2 GB). Raises ExportValidationError when the
+    graph has control flow or a dynamic axis came out static.
     """
     path = Path(path)
     cfg = lm.config
-    wrapper = FlatCacheDecoder(lm).eval()
     inputs, outputs = _io_spec(cfg)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper,
-            _trace_inputs(cfg, lm.dtype),
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=_dynamic_shapes(cfg.num_hidden_layers),
-            input_names=list(inputs),
-            output_names=list(outputs),
-            verbose=False,
-        )
+    program = export_program(
+        FlatCacheDecoder(lm).eval(),
+        _trace_inputs(cfg, lm.dtype),
+        weights,
+        opset_version=opset,
+        dynamic_shapes=_dynamic_shapes(cfg.num_hidden_layers),
+        input_names=list(inputs),
+        output_names=list(outputs),
+    )
     _name_axes(program, cfg)
     model = program.model
     _check_no_control_flow(model)
-    # Streams tensor by tensor from the torch parameters: no second in-memory copy past `limit`.
-    save_ir(model, path, EXTERNAL_DATA_BYTES if inline_limit is None else inline_limit)
+    # Streams tensor by tensor (torch parameters or lazy checkpoint reads): no second copy.
+    save_ir(model, path, EXTERNAL_DATA_BYTES if weights is None else INLINE_BYTES)

@@ -186,28 +186,40 @@ class Weights:
         """The parameter a captured tensor is a view of, or None (a constant of its own)."""
         return self.by_storage.get(tensor.untyped_storage().data_ptr())
 
-    def chunks(self, tensor: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
-        """The real contents of captured `tensor`, as contiguous pieces of <= `limit` bytes
-        along its first axis: its parameter read from the checkpoint and viewed with the same
-        shape, strides and offset (the exporter's folded Transpose). One copy of the parameter
-        plus one piece is all it holds."""
+    def _real(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Captured `tensor` with real contents: its parameter read from the checkpoint and
+        viewed with the same shape, strides and offset (the exporter's folded Transpose), or
+        the tensor itself when it is a constant of the exporter's own (buffers, shapes)."""
         name = self.source(tensor)
-        if name is None:  # a constant of the exporter's own (buffers, folded shapes): small
-            yield tensor.detach().contiguous().numpy()
-            return
+        if name is None:
+            return tensor.detach()
         real = torch.from_numpy(self.shards.read(self.key[name]))
-        view = real.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
-        dtype = _NUMPY_OF[tensor.dtype]
+        return real.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
+
+    def array(self, tensor: torch.Tensor) -> np.ndarray:
+        """The real contents of captured `tensor`, contiguous, in its dtype."""
+        return _numpy(self._real(tensor).contiguous(), tensor.dtype)
+
+    def chunks(self, tensor: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+        """array(tensor) as contiguous pieces of <= `limit` bytes along its first axis: one copy
+        of the parameter plus one piece is all a transposed view costs."""
+        view = self._real(tensor)
         if view.is_contiguous() or view.dim() == 0:
-            yield view.contiguous().numpy().astype(dtype, copy=False)
+            yield _numpy(view.contiguous(), tensor.dtype)
             return
         row = max(1, view[0].numel() * view.element_size())
         step = max(1, limit // row)
         for i in range(0, view.shape[0], step):
-            yield view[i : i + step].contiguous().numpy().astype(dtype, copy=False)
+            yield _numpy(view[i : i + step].contiguous(), tensor.dtype)
 
 
 _NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """`tensor` (checkpoint data: float32) as numpy in the stand-in's dtype."""
+    arr = tensor.numpy()
+    return arr.astype(_NUMPY_OF[dtype], copy=False) if dtype in _NUMPY_OF else arr
 
 
 def available_bytes() -> int:
@@ -286,17 +298,6 @@ def capture(weights: Weights) -> Iterator[dict[str, torch.Tensor]]:
         passes._jit_pass_onnx_deduplicate_initializers = dedup
         passes._jit_pass_onnx_graph_shape_type_inference = infer
         torch.onnx.export = export
-
-
-def save_ir(model, path: Path, limit: int) -> None:
-    """Save an onnx_ir model (the dynamo routes) tensor by tensor from its torch tensors, with
-    external data (`<graph>_data`) once its weights pass `limit` bytes."""
-    import onnx_ir as ir
-
-    data = data_file(path)
-    data.unlink(missing_ok=True)  # a stale file from an earlier, larger export
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
-    ir.save(model, path, external_data=data.name if size > limit else None)
 
 
 def finalize(path: Path, captured: dict[str, torch.Tensor], weights: Weights, label: str) -> int:

@@ -11,7 +11,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.lean import INLINE_BYTES, Weights, capture, finalize, save_ir
+from export.lean import INLINE_BYTES, Weights, capture, finalize
+from export.lean_ir import export_program, save_ir
 from export.progress import steps
 from runtime import contract as C
 from runtime import parity as P
@@ -40,8 +41,8 @@ def export_vision(
     """Export with a dynamic batch axis (or a fixed `batch`); checker-clean, no Loop/If/Scan.
 
     With `weights` (the lean export, export/lean.py) `module` holds stand-ins: torchscript traces
-    them and the real weights are streamed in after; dynamo gets this graph's weights loaded for
-    the trace and released after (its ONNX IR saves straight from the torch tensors).
+    them and the real weights are streamed in after; dynamo reads each weight from the checkpoint
+    as the graph is saved (export/lean_ir.py).
 
     A fixed batch leaves no symbolic dimension in the graph: TensorRT then builds one engine
     for one shape, with no optimisation profiles and no rebuilds.
@@ -53,9 +54,6 @@ def export_vision(
     dummy = torch.zeros(batch or 2, 3, *image_size)
     names = {"input_names": [C.PIXEL_VALUES], "output_names": [C.IMAGE_FEATURES, C.KEPT_INDICES]}
     lean = weights is not None and exporter == "torchscript"
-    loaded = weights.names_in(module) if weights is not None and not lean else []
-    if loaded:
-        weights.load(loaded)
     with (
         capture(weights) if lean else contextlib.nullcontext({}) as captured,
         warnings.catch_warnings(),
@@ -64,17 +62,17 @@ def export_vision(
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             dim = torch.export.Dim(C.AXIS_BATCH, min=1, max=1024)
-            program = torch.onnx.export(
+            program = export_program(
                 module,
                 (dummy,),
-                dynamo=True,
+                weights,
                 opset_version=OPSET,
                 dynamic_shapes={C.PIXEL_VALUES: {0: dim}} if batch is None else None,
                 **names,
             )
             if weights is None:
                 program.save(str(path))
-            else:  # from the loaded torch tensors, no in-memory protobuf
+            else:  # each weight read from the checkpoint as it is written
                 save_ir(program.model, path, INLINE_BYTES)
         elif exporter == "torchscript":
             axes = {
@@ -87,8 +85,6 @@ def export_vision(
             )  # fmt: skip
         else:
             raise ValueError(f"unknown exporter {exporter!r}; choose from {EXPORTERS}")
-    if loaded:
-        weights.release(loaded)
     model = onnx.load(str(path), load_external_data=False)  # lean: the weightless graph
     _fix_output_shapes(model, module.prune.k, module.out_dim, batch)
     _constants_to_initializers(model)
