@@ -249,10 +249,13 @@ def main(args: argparse.Namespace) -> Path:
         done(t, "identical embeddings")
 
         t = step(4, steps, f"{C.DECODER_ONNX}: export ({args.decoder_exporter}) + parity")
-        export_decoder(args.decoder_exporter, lm, tmp / C.DECODER_ONNX, weights)
         # Parity on the graph itself, or, when its fp32 weights would not fit in memory beside
-        # the rest, on its first SLICE_LAYERS layers exported by the same code (lean only).
+        # the rest, on its first SLICE_LAYERS layers exported by the same code (lean only). A
+        # decoder checked on a slice is then written in the target dtype straight from the
+        # checkpoint: its weights never exist in float32 on disk (export.lean.finalize).
         check = parity_target(src, lm, weights, tmp, args.decoder_exporter)
+        defer = check is not None and args.dtype in DEFERRABLE
+        export_decoder(args.decoder_exporter, lm, tmp / C.DECODER_ONNX, weights, defer)
         check_lm, check_weights, check_path, check_text = check or (
             lm,
             weights,
@@ -269,7 +272,10 @@ def main(args: argparse.Namespace) -> Path:
         done(t, f"prefill + 3 steps, batch 1/2, rel. diff {worst['rel']:.1e} of each scale")
 
         sliced = (check_path, check_text) if check else None
-        plan = convert_variant(tmp, args.dtype, batches, text_facts(model), report, steps, sliced)
+        deferred = weights.deferred if weights is not None else None
+        plan = convert_variant(
+            tmp, args.dtype, batches, text_facts(model), report, steps, sliced, deferred
+        )
         step(steps, steps, f"writing bundle {out}")
         copy_side_files(src, tmp)
         manifest = build_manifest(model, processor, prune, src, report)
@@ -334,18 +340,23 @@ PARITY_SHARE = 0.5
 SLICE_LAYERS = 2
 
 
-def export_decoder(exporter: str, lm, path: Path, weights) -> None:
+# --dtype values whose decoder conversion streams (int8's quantize_dynamic reads fp32 files)
+DEFERRABLE = (C.DTYPE_FP16, C.DTYPE_Q4, C.DTYPE_Q4F16)
+
+
+def export_decoder(exporter: str, lm, path: Path, weights, deferred: bool = False) -> None:
     """decoder_model_merged.onnx by `exporter`, optimum or torch (dynamo); lean: traced on
-    stand-ins, the weights streamed from the checkpoint as the graph is written."""
+    stand-ins, the weights streamed from the checkpoint as the graph is written (`deferred`:
+    left for the dtype pass to stream)."""
     from export.decoder import export_decoder_optimum
     from export.vision import OPSET
 
     if exporter == "torch":
         from export.decoder_torch import export_decoder_torch
 
-        export_decoder_torch(lm, path, OPSET, weights)
+        export_decoder_torch(lm, path, OPSET, weights, deferred)
     else:
-        export_decoder_optimum(lm, path, OPSET, weights)
+        export_decoder_optimum(lm, path, OPSET, weights, deferred)
 
 
 def parity_target(src: Path, lm, weights, tmp: Path, exporter: str):
@@ -393,12 +404,14 @@ def convert_variant(
     report: dict,
     steps: int,
     sliced: tuple[Path, dict] | None = None,
+    deferred: dict | None = None,
 ) -> dict:
     """The --dtype pass on the validated fp32 graphs in `tmp`, re-validated against them.
 
     The fp32 graphs wait in a hidden folder inside `tmp` and are deleted once the variant passes,
     so a failed variant leaves nothing behind (atomic_dir removes `tmp`). `sliced` = (fp32 slice,
     its text facts): the decoder's variant is judged on that slice, converted the same way.
+    `deferred`: {graph: readers} of weights not written yet (read from the checkpoint).
     """
     import shutil
 
@@ -411,7 +424,8 @@ def convert_variant(
     t = step(5, steps, f"{dtype} graphs + quality vs fp32")
     ref = tmp / ".fp32"
     clamped: dict[str, dict] = {}
-    plan = convert_bundle(tmp, ref, dtype, frozenset({C.DECODER_ONNX} if sliced else ()), clamped)
+    consume = frozenset({C.DECODER_ONNX} if sliced else ())
+    plan = convert_bundle(tmp, ref, dtype, consume, clamped, deferred)
     # fp16 holds |w| <= 65504: a weight beyond (bf16 checkpoints can have them) is clamped,
     # said here and recorded; the quality check below judges what that did to the outputs
     n = sum(c for graph in clamped.values() for c, _ in graph.values())

@@ -132,12 +132,17 @@ def _move_onnx(src: Path, dst: Path) -> None:
 
 
 def export_decoder_optimum(
-    lm: torch.nn.Module, path: Path, opset: int = 18, weights: Weights | None = None
+    lm: torch.nn.Module,
+    path: Path,
+    opset: int = 18,
+    weights: Weights | None = None,
+    deferred: bool = False,
 ) -> None:
     """Export `lm` (see svdprune_onnx.text.causal_lm) to `path` with optimum-onnx.
 
     With `weights` (the lean export) `lm` holds stand-ins: optimum traces them with no weights
-    written, and finalize() streams the real ones in from the checkpoint.
+    written, and finalize() streams the real ones in from the checkpoint (`deferred`: leaves
+    them for the dtype pass to read, see export.lean.finalize).
     """
     cfg = InputsEmbedsDecoderOnnxConfig(
         lm.config, task="text-generation", use_past=True, use_past_in_inputs=True
@@ -162,4 +167,4 @@ def export_decoder_optimum(
         )
         _move_onnx(Path(tmp) / "model.onnx", path)
     if weights is not None:
-        finalize(path, captured, weights, C.DECODER_ONNX)
+        finalize(path, captured, weights, C.DECODER_ONNX, deferred)

@@ -24,8 +24,8 @@ from torch.export import Dim
 from transformers import DynamicCache, PreTrainedModel
 
 from export.bundle import EXTERNAL_DATA_BYTES
-from export.lean import INLINE_BYTES, Weights
-from export.lean_ir import export_program, save_ir
+from export.lean import Weights
+from export.lean_ir import defer, export_program, save_ir
 from export.vision import FORBIDDEN_OPS, ExportValidationError
 from runtime import contract as C
 
@@ -148,13 +148,18 @@ def _check_no_control_flow(model: ir.Model) -> None:
 
 
 def export_decoder_torch(
-    lm: PreTrainedModel, path: Path, opset: int = 18, weights: Weights | None = None
+    lm: PreTrainedModel,
+    path: Path,
+    opset: int = 18,
+    weights: Weights | None = None,
+    deferred: bool = False,
 ) -> None:
     """Export `lm` (a *ForCausalLM, eager attention) as the merged decoder graph at `path`.
 
     With `weights` (the lean export) `lm` holds stand-ins and each weight is read from the
-    checkpoint as it is saved (export/lean_ir.py); past INLINE_BYTES of weights they go to
-    `<path.name>_data` beside it (without: past ~2 GB). Raises ExportValidationError when the
+    checkpoint as it is saved (export/lean_ir.py); past lean.INLINE_BYTES of weights they go to
+    `<path.name>_data` beside it (without: past ~2 GB); `deferred`: not written at all (see
+    export.lean.finalize). Raises ExportValidationError when the
     graph has control flow or a dynamic axis came out static.
     """
     path = Path(path)
@@ -172,5 +177,7 @@ def export_decoder_torch(
     _name_axes(program, cfg)
     model = program.model
     _check_no_control_flow(model)
+    if deferred:
+        defer(model, weights, C.DECODER_ONNX)
     # Streams tensor by tensor (torch parameters or lazy checkpoint reads): no second copy.
-    save_ir(model, path, EXTERNAL_DATA_BYTES if weights is None else INLINE_BYTES)
+    save_ir(model, path, EXTERNAL_DATA_BYTES if weights is None else None)

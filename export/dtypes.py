@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from export.bundle import EXTERNAL_DATA_BYTES, data_file
-from export.restream import fp16_overflow, load_inferred
+from export.restream import Deferred, fp16_overflow, load_inferred
 from export.vision import ExportValidationError, cpu_session
 from runtime import contract as C
 
@@ -238,21 +238,32 @@ def _quiet() -> Iterator[None]:
 
 
 def convert_graph(
-    src: Path, dst: Path, dtype: str, graph: str, consume: bool = False
+    src: Path,
+    dst: Path,
+    dtype: str,
+    graph: str,
+    consume: bool = False,
+    deferred: Deferred | None = None,
 ) -> dict[str, tuple[int, float]]:
     """Write `src` (an fp32 graph) as `dtype` to `dst`. A graph with external data is converted
     without loading its weights (export/restream.py): one tensor in memory at a time, plus the
-    4-bit blocks for q4. `consume`: delete `src` once read (disk: a 7B fp32 decoder is 27 GB).
-    Returns the weights whose values passed the fp16 range and were clamped to +-65504 (a bf16
-    checkpoint's can): {initializer: (values clamped, largest |value|)}."""
+    4-bit blocks for q4. `deferred`: readers of the weights `src` has not written (the lean
+    export's: straight from the checkpoint, no fp32 file at all). `consume`: delete `src`'s
+    data once converted (disk: a 7B fp32 decoder is 27 GB). Returns the weights whose values
+    passed the fp16 range and were clamped to +-65504 (a bf16 checkpoint's can):
+    {initializer: (values clamped, largest |value|)}."""
     clamped: dict[str, tuple[int, float]] = {}
     op_type = "Gather" if graph == C.EMBED_ONNX else "MatMul"
     with _quiet():
         if dtype == C.DTYPE_INT8:
+            if deferred:
+                raise ExportValidationError("int8 quantisation needs the fp32 weights on disk")
             to_int8(src, dst, op_type)
             return clamped
-        if data_file(src).is_file():
-            _convert_streamed(src, dst, dtype, graph, op_type, consume, clamped)
+        if data_file(src).is_file() or deferred:
+            _convert_streamed(src, dst, dtype, graph, op_type, clamped, deferred)
+            if consume:
+                data_file(src).unlink(missing_ok=True)
             return clamped
         if dtype in (C.DTYPE_FP16, C.DTYPE_Q4F16):
             model = load_inferred(src, weights=True)  # the fp16 converter needs every type
@@ -274,33 +285,37 @@ def convert_graph(
 
 
 def _convert_streamed(
-    src: Path, dst: Path, dtype: str, graph: str, op_type: str, consume: bool, clamped: dict
+    src: Path,
+    dst: Path,
+    dtype: str,
+    graph: str,
+    op_type: str,
+    clamped: dict,
+    deferred: Deferred | None,
 ) -> None:
-    """convert_graph for external-data graphs; q4f16 goes through an fp16 graph beside `dst`
-    (half the fp32 bytes on disk, deleted after), as the quantizer reads real fp16 weights."""
+    """convert_graph for external-data (or deferred) graphs, in one pass: the converters rewrite
+    the structure, the quantizer reads each weight it needs through restream.reading() (fp16
+    values for q4f16), and save_streamed() writes every weight once, in its final type."""
     from export.progress import bar
-    from export.restream import save_streamed, shapes_from_dims
+    from export.restream import reading, save_streamed, shapes_from_dims
 
     quantize = dtype in (C.DTYPE_Q4, C.DTYPE_Q4F16) and graph != C.VISION_ONNX
-    half = dtype in (C.DTYPE_FP16, C.DTYPE_Q4F16)
-    step = dst.with_name(dst.stem + ".fp16.onnx") if half and quantize else dst
-    with bar(graph_bytes(src), f"{graph} -> {dtype}", unit="B") as progress:
-        if half:
-            model = load_inferred(src)
+    model = load_inferred(src)
+    total = sum(tensor_nbytes(t) for t in model.graph.initializer)
+    with bar(total, f"{graph} -> {dtype}", unit="B") as progress:
+        if dtype in (C.DTYPE_FP16, C.DTYPE_Q4F16):
             with shapes_from_dims():
                 model = to_fp16(model, pruning_nodes(model) if graph == C.VISION_ONNX else [])
-            save_streamed(model, step, src.parent, progress, clamped)
-            del model
-            if consume and quantize:  # the quantizer reads the fp16 step, not `src`
-                data_file(src).unlink()
         if quantize:
-            fp = step if half else src
-            with contextlib.chdir(fp.parent):  # the quantizer reads weights relative to cwd
-                model = to_q4(load_inferred(fp), op_type)
-            save_streamed(model, dst, fp.parent, progress)
-    if step != dst:
-        step.unlink()
-        data_file(step).unlink()
+            with reading(src.parent, clamped, deferred):
+                model = to_q4(model, op_type)
+        save_streamed(model, dst, src.parent, progress, clamped, deferred)
+
+
+def tensor_nbytes(tensor: TensorProto) -> int:
+    """Bytes of an initializer, inline or external (as recorded, without reading them)."""
+    info = {e.key: e.value for e in tensor.external_data}
+    return int(info["length"]) if "length" in info else len(tensor.raw_data)
 
 
 def convert_bundle(
@@ -309,11 +324,13 @@ def convert_bundle(
     dtype: str,
     consume: frozenset[str] = frozenset(),
     clamped: dict | None = None,
+    deferred: dict[str, Deferred] | None = None,
 ) -> dict[str, str]:
     """Move the fp32 graphs of bundle folder `root` to `ref` and write the `dtype` variant in
     their place; returns {graph: graph dtype}. Graphs in `consume` (checked on a slice, not
     against their fp32 file) lose their fp32 file as soon as the conversion has read it;
-    `clamped` collects convert_graph's fp16 clamps per graph."""
+    `clamped` collects convert_graph's fp16 clamps per graph; `deferred`: {graph: readers of
+    the weights it has not written} (export/lean.py)."""
     plan = PLANS[dtype]
     for graph, graph_dtype in plan.items():
         if graph_dtype == C.DTYPE_FP32:
@@ -323,7 +340,8 @@ def convert_bundle(
         (root / graph).replace(kept)
         if data_file(root / graph).is_file():
             data_file(root / graph).replace(data_file(kept))
-        over = convert_graph(kept, root / graph, graph_dtype, graph, consume=graph in consume)
+        readers = (deferred or {}).get(graph)
+        over = convert_graph(kept, root / graph, graph_dtype, graph, graph in consume, readers)
         if clamped is not None and over:
             clamped[graph] = over
     return plan

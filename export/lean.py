@@ -23,6 +23,7 @@ checks against PyTorch with the real weights catch one if a new family brings it
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import mmap
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from export.bundle import data_file
+from export.restream import DEFERRED, Deferred
 from export.safetensors_io import Shards, map_keys
 
 # Graphs whose weights pass this are written with external data (<graph>_data): building the
@@ -133,6 +135,8 @@ class Weights:
                 "foreign checkpoint; re-download it completely"
             )
         self.by_storage: dict[int, str] = {}
+        # {graph: {initializer: reader}}: weights finalize(deferred=True) left unwritten
+        self.deferred: dict[str, Deferred] = {}
         for name in self.groups:
             self._set(name, zero_page(self.shards.shape(self.key[name])))
 
@@ -300,9 +304,20 @@ def capture(weights: Weights) -> Iterator[dict[str, torch.Tensor]]:
         torch.onnx.export = export
 
 
-def finalize(path: Path, captured: dict[str, torch.Tensor], weights: Weights, label: str) -> int:
+def finalize(
+    path: Path,
+    captured: dict[str, torch.Tensor],
+    weights: Weights,
+    label: str,
+    deferred: bool = False,
+) -> int:
     """Turn the weightless graph at `path` into the full one: each captured bare input becomes
-    an initializer with the real data, streamed one tensor at a time; returns the weight bytes."""
+    an initializer with the real data, streamed one tensor at a time; returns the weight bytes.
+
+    `deferred`: write no weights at all; each initializer points at restream.DEFERRED and
+    `weights.deferred[label]` gets its reader, for a dtype pass that reads the checkpoint
+    itself (a 7B decoder then never exists in float32 on disk). The contents are still read
+    once here, for the de-duplication by value."""
     from export.progress import bar
 
     model = onnx.load(str(path), load_external_data=False)
@@ -310,14 +325,15 @@ def finalize(path: Path, captured: dict[str, torch.Tensor], weights: Weights, la
     bare = {i.name for i in g.input} & set(captured)
     order = [i.name for i in g.input if i.name in bare]  # the exporter de-duplicates in this order
     total = sum(t.numel() * t.element_size() for n, t in captured.items() if n in bare)
-    external = total > INLINE_BYTES
+    external = deferred or total > INLINE_BYTES
     data = data_file(path)
     data.unlink(missing_ok=True)
+    readers: Deferred = weights.deferred.setdefault(label, {}) if deferred else {}
     seen: dict[bytes, str] = {}
     twins: list[onnx.NodeProto] = []
     offset = 0
     with contextlib.ExitStack() as stack:
-        f = stack.enter_context(open(data, "wb")) if external else None
+        f = stack.enter_context(open(data, "wb")) if external and not deferred else None
         progress = stack.enter_context(bar(total, f"{label} weights", unit="B"))
         for name in order:
             t = captured[name]
@@ -328,7 +344,10 @@ def finalize(path: Path, captured: dict[str, torch.Tensor], weights: Weights, la
             for arr in weights.chunks(t):
                 raw = memoryview(arr.reshape(-1)).cast("B")  # no copy
                 digest.update(raw)
-                f.write(raw) if f is not None else inline.append(raw.tobytes())
+                if f is not None:
+                    f.write(raw)
+                elif not external:
+                    inline.append(raw.tobytes())
                 progress.update(arr.nbytes)
                 dtype = arr.dtype
             key = digest.digest() + str((t.dtype, tuple(t.shape))).encode()
@@ -341,13 +360,16 @@ def finalize(path: Path, captured: dict[str, torch.Tensor], weights: Weights, la
             length = t.numel() * t.element_size()
             tensor = onnx.TensorProto(name=name, dims=t.shape)
             tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
-            if f is None:
+            if not external:
                 tensor.raw_data = b"".join(inline)
             else:
+                location = DEFERRED if deferred else data.name
                 tensor.data_location = onnx.TensorProto.EXTERNAL
-                for k, v in (("location", data.name), ("offset", start), ("length", length)):
+                for k, v in (("location", location), ("offset", start), ("length", length)):
                     tensor.external_data.add(key=k, value=str(v))
                 offset = start + length
+                if deferred:
+                    readers[name] = functools.partial(weights.array, t)
             g.initializer.append(tensor)
     kept = [i for i in g.input if i.name not in bare]
     del g.input[:]

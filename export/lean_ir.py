@@ -14,6 +14,7 @@ The exported program references stand-ins only, so nothing of the weights outliv
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 from export.bundle import data_file
 from export.lean import Weights
+from export.restream import DEFERRED
 
 
 def export_program(module: torch.nn.Module, args: tuple, weights: Weights | None, **kwargs):
@@ -86,10 +88,35 @@ def _lazy(weights: Weights, tensor: torch.Tensor, dtype, perm: list[int] | None)
     return ir.LazyTensor(_Read(weights, tensor, perm), dtype=dtype, shape=ir.Shape(shape))
 
 
-def save_ir(model: ir.Model, path: Path, limit: int) -> None:
+def defer(model: ir.Model, weights: Weights, label: str) -> None:
+    """Leave the lazy weights unwritten: each points at restream.DEFERRED and its reader goes to
+    `weights.deferred[label]` (for a dtype pass that reads the checkpoint itself)."""
+    readers = weights.deferred.setdefault(label, {})
+    for value in model.graph.initializers.values():
+        const = value.const_value
+        if isinstance(const, ir.LazyTensor) and isinstance(const.raw, _Read):
+            value.const_value = ir.ExternalTensor(
+                DEFERRED, 0, const.nbytes, const.dtype, shape=const.shape, name=value.name
+            )
+            readers[value.name] = functools.partial(_numpy, const.raw)
+
+
+def _numpy(read: _Read) -> np.ndarray:
+    return read().numpy()
+
+
+def save_ir(model: ir.Model, path: Path, limit: int | None = None) -> None:
     """Save an onnx_ir model (the dynamo routes) tensor by tensor, lazy weights read one at a
-    time, with external data (`<graph>_data`) once its weights pass `limit` bytes."""
+    time, with external data (`<graph>_data`) once its weights pass `limit` bytes (default
+    export.lean.INLINE_BYTES; deferred weights stay references)."""
+    from export import lean
+
     data = data_file(path)
     data.unlink(missing_ok=True)  # a stale file from an earlier, larger export
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+    values = [v.const_value for v in model.graph.initializers.values() if v.const_value]
+    if any(isinstance(c, ir.ExternalTensor) for c in values):
+        ir.save(model, path)
+        return
+    size = sum(c.nbytes for c in values)
+    limit = lean.INLINE_BYTES if limit is None else limit
     ir.save(model, path, external_data=data.name if size > limit else None)

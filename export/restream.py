@@ -1,10 +1,12 @@
 """Convert a graph whose weights live in external data without loading them all: fp16, q4.
 
-    <graph>.onnx (structure) + <graph>.onnx_data (fp32 or fp16 weights, never loaded whole)
+    <graph>.onnx (structure) + its weights, never loaded whole: in <graph>.onnx_data, or
+    DEFERRED (not written yet: read from the checkpoint on demand, export/lean.py)
       ├─ fp16: ONNX Runtime's converter rewrites the structure alone (each weight keeps its
-      │        reference to the old bytes); restream() then casts one tensor at a time
-      └─ q4:   ONNX Runtime's MatMulNBits quantizer reads each weight it quantizes from the file
-               (one at a time) and keeps only the 4-bit blocks, 1/8 of the float32 bytes
+      │        reference to the old bytes); the weights are cast one tensor at a time
+      └─ q4:   ONNX Runtime's MatMulNBits quantizer reads each weight it quantizes through
+               reading() (one at a time, cast to fp16 first for q4f16) and keeps only the
+               4-bit blocks, 1/8 of the float32 bytes
     save_streamed(): every weight, old bytes or new blocks, into the new <graph>.onnx_data,
     one tensor at a time, each freed once written
 
@@ -15,7 +17,7 @@ graphs are the same; only where the bytes wait differs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,11 @@ from onnx import TensorProto
 from export.bundle import data_file
 
 _FLOAT16_LIMITS = {"min_positive_val": 5.96e-08, "max_finite_val": 65504.0}  # the converter's
+
+# The external-data location of a weight not written anywhere yet: its values come from a
+# reader in the `deferred` map ({initializer: () -> float32 array}), which reads the checkpoint.
+DEFERRED = "checkpoint.deferred"
+Deferred = dict[str, Callable[[], np.ndarray]]
 
 
 def _external(tensor: TensorProto) -> dict[str, str] | None:
@@ -88,30 +95,85 @@ def fp16_overflow(arr: np.ndarray) -> tuple[int, float]:
     return (int(np.count_nonzero(np.abs(arr) > limit)) if peak > limit else 0), peak
 
 
-def tensor_bytes(tensor: TensorProto, base: Path, clamped: dict | None = None) -> np.ndarray:
-    """One weight's final bytes: inline data as is, external data read (and cast to fp16 when
-    the converter retyped it, clamped exactly as its convert_np_to_float16 does; weights with
-    values beyond the fp16 range are recorded in `clamped` as {name: (count, largest |w|)})."""
-    if (info := _external(tensor)) is None:
-        return np.frombuffer(tensor.raw_data, np.uint8)
-    stored = _stored_dtype(tensor, info)
-    arr = _read(base, info, stored)
-    if stored == np.float32 and tensor.data_type == TensorProto.FLOAT16:
+def tensor_values(tensor: TensorProto, base: Path, deferred: Deferred | None = None) -> np.ndarray:
+    """An external weight's values as stored: float32 where the fp16 converter retyped it."""
+    info = _external(tensor)
+    if info["location"] == DEFERRED:
+        if deferred is None or tensor.name not in deferred:
+            raise RuntimeError(f"weight {tensor.name} was deferred, but no reader was given")
+        return deferred[tensor.name]()
+    return _read(base, info, _stored_dtype(tensor, info))
+
+
+def final_values(
+    tensor: TensorProto, base: Path, clamped: dict | None, deferred: Deferred | None = None
+) -> np.ndarray:
+    """An external weight's values in its declared type: cast to fp16 when the converter retyped
+    it, clamped exactly as its convert_np_to_float16 does; weights with values beyond the fp16
+    range are recorded in `clamped` as {name: (count, largest |w|)}."""
+    arr = tensor_values(tensor, base, deferred)
+    if arr.dtype == np.float32 and tensor.data_type == TensorProto.FLOAT16:
         from onnxruntime.transformers.float16 import convert_np_to_float16
 
         if clamped is not None and (over := fp16_overflow(arr))[0]:
             clamped[tensor.name] = over
-
         arr = convert_np_to_float16(arr, **_FLOAT16_LIMITS)
-    return arr.view(np.uint8)
+    return arr
+
+
+def tensor_bytes(
+    tensor: TensorProto, base: Path, clamped: dict | None = None, deferred: Deferred | None = None
+) -> np.ndarray:
+    """One weight's final bytes: inline data as is, external data by final_values()."""
+    if _external(tensor) is None:
+        return np.frombuffer(tensor.raw_data, np.uint8)
+    return final_values(tensor, base, clamped, deferred).view(np.uint8)
+
+
+@contextlib.contextmanager
+def reading(base: Path, clamped: dict, deferred: Deferred | None = None) -> Iterator[None]:
+    """Inside, ONNX Runtime's MatMulNBits quantizer gets each external weight it asks for with
+    its final_values() in memory (one at a time): fp16 values for a weight the fp16 converter
+    retyped but did not write, a deferred weight's values from its reader. Its MatMul path
+    reads through onnx_ir and its Gather path through onnx; both ask get_initializer first."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as quantizer
+
+    original = getattr(quantizer, "get_initializer", None)
+    if original is None:
+        raise RuntimeError(
+            "onnxruntime.quantization.matmul_nbits_quantizer has no get_initializer; install "
+            "the onnxruntime version pinned in requirements/"
+        )
+
+    def get_initializer(name: str, graphs: list) -> tuple:
+        tensor, graph = original(name, graphs)
+        if tensor is None or _external(tensor) is None:
+            return tensor, graph
+        loaded = TensorProto()
+        loaded.CopyFrom(tensor)
+        del loaded.external_data[:]
+        loaded.data_location = TensorProto.DEFAULT
+        loaded.raw_data = final_values(tensor, base, clamped, deferred).tobytes()
+        return loaded, graph
+
+    quantizer.get_initializer = get_initializer
+    try:
+        yield
+    finally:
+        quantizer.get_initializer = original
 
 
 def save_streamed(
-    model: onnx.ModelProto, path: Path, base: Path, bar=None, clamped: dict | None = None
+    model: onnx.ModelProto,
+    path: Path,
+    base: Path,
+    bar=None,
+    clamped: dict | None = None,
+    deferred: Deferred | None = None,
 ) -> None:
     """Write `model` to `path` + `path`_data: every initializer of 1 KiB or more, external
-    (relative to folder `base`) or in memory, goes to the data file one at a time and is dropped
-    from memory once written."""
+    (relative to folder `base`, or deferred) or in memory, goes to the data file one at a time
+    and is dropped from memory once written."""
     data = data_file(path)
     part = data.with_name(data.name + ".part")
     offset = 0
@@ -120,7 +182,7 @@ def save_streamed(
             external = _external(tensor) is not None
             if not external and len(tensor.raw_data) < 1024:
                 continue  # small (or typed-field) constants stay inline, as onnx's writer keeps
-            blob = tensor_bytes(tensor, base, clamped)
+            blob = tensor_bytes(tensor, base, clamped, deferred)
             offset += -offset % 4096
             f.seek(offset)
             f.write(memoryview(blob))

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.lean import INLINE_BYTES, Weights, capture, finalize
+from export.lean import Weights, capture, finalize
 from export.lean_ir import export_program, save_ir
 from export.progress import steps
 from runtime import contract as C
@@ -73,7 +73,7 @@ def export_vision(
             if weights is None:
                 program.save(str(path))
             else:  # each weight read from the checkpoint as it is written
-                save_ir(program.model, path, INLINE_BYTES)
+                save_ir(program.model, path)
         elif exporter == "torchscript":
             axes = {
                 name: {0: C.AXIS_BATCH}

@@ -1,8 +1,9 @@
 """The lean export (export/lean.py) writes the same graphs as the full-load one, in less memory.
 
-Same graphs (torchscript and dynamo routes alike): per graph file, the same nodes in the same order (the exporter's Identity nodes for
-equal-valued weights compared as a set: their order is the exporter's hash order), the same graph
-inputs and outputs, and every initializer bit-identical, for both decoder routes and every dtype.
+Same graphs (torchscript and dynamo routes alike): per graph file, the same nodes in the same
+order (the exporter's Identity nodes for equal-valued weights compared as a set: their order is
+the exporter's hash order), the same graph inputs and outputs, and every initializer
+bit-identical, for both decoder routes and every dtype.
 Less memory: a weight-dominated checkpoint's export peaks below 1.5x its largest graph's weights
 over the process's own baseline, and the full-load route on the same checkpoint does not.
 """
@@ -71,7 +72,6 @@ def test_lean_equals_full(
     model's are), so its dtype pass takes the streamed conversion (export/restream.py) while
     the full bundle's graphs convert in memory: the graphs must still be the same."""
     import export.lean
-    import export.vision
 
     ckpt = request.getfixturevalue(model)
     flags = ("--decoder-exporter", route, "--dtype", dtype)
@@ -79,7 +79,6 @@ def test_lean_equals_full(
         flags += ("--vision-exporter", "dynamo")
     full = bundle(ckpt, tmp_path / "full", *flags, "--export-memory", FULL)
     monkeypatch.setattr(export.lean, "INLINE_BYTES", 0)
-    monkeypatch.setattr(export.vision, "INLINE_BYTES", 0)
     lean = bundle(ckpt, tmp_path / "lean", *flags, "--export-memory", LEAN)
     assert any(lean.rglob("*" + C.EXTERNAL_DATA_SUFFIX))
     assert_same_graphs(lean, full)
@@ -172,23 +171,40 @@ def test_peak_rss_within_one_and_a_half_weights(models_root: Path, tmp_path: Pat
     assert runs[FULL] > 1.5
 
 
-def test_big_decoder_is_checked_on_a_slice(tiny_clip: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("route", ["optimum", "torch"])
+def test_big_decoder_is_checked_on_a_slice(
+    tiny_clip: Path, tmp_path: Path, monkeypatch, route: str
+) -> None:
     """A decoder too big for a PyTorch copy beside the rest (forced here) gets its parity and
     its variant's quality on its first layers, exported by the same code; the slice never
-    reaches the bundle."""
+    reaches the bundle. Its q4f16 graph is written straight from the checkpoint: no float32
+    decoder weights on disk when the conversion runs, and the same graph as the fp32 route's."""
     import json
 
     import export.__main__ as cli_module
+    import export.dtypes
     import export.lean
 
+    flags = ("--dtype", "q4f16", "--decoder-exporter", route)
+    monkeypatch.setattr(export.lean, "INLINE_BYTES", 0)  # the streamed path, as a 7B takes
+    whole = bundle(tiny_clip, tmp_path / "whole", *flags)
     monkeypatch.setattr(cli_module, "PARITY_SHARE", 0.0)
     monkeypatch.setattr(cli_module, "SLICE_LAYERS", 1)
-    monkeypatch.setattr(export.lean, "INLINE_BYTES", 0)  # the streamed path, as a 7B takes
-    out = bundle(tiny_clip, tmp_path / "b", "--dtype", "q4f16")
+    convert, seen = export.dtypes.convert_graph, []
+
+    def spy(src: Path, dst: Path, dtype: str, graph: str, *args) -> dict:
+        if graph == C.DECODER_ONNX and dst.parent.name != ".parity-slice":
+            seen.append(data_file(src).exists())
+        return convert(src, dst, dtype, graph, *args)
+
+    monkeypatch.setattr(export.dtypes, "convert_graph", spy)
+    out = bundle(tiny_clip, tmp_path / "b", *flags)
+    assert seen == [False]  # converted once, with no fp32 weights file
     manifest = json.loads((out / C.MANIFEST_FILE).read_text())
     assert manifest[C.KEY_VALIDATION]["decoder_parity_layers"] == 1
     assert not list(out.rglob("*slice*"))
     assert manifest[C.KEY_VALIDATION][C.DTYPE_Q4F16][C.DECODER_ONNX]["top1_agreement"] >= 0.4
+    assert_same_graphs(out, whole)
 
 
 @pytest.mark.parametrize("external", [False, True])
