@@ -8,6 +8,11 @@
       └─ finalize(): per initializer, one at a time: Shards.read(checkpoint key) (float32)
            ─► as_strided like the view ─► bytes ─► graph.onnx_data (or inline when small)
 
+A decoder too big to check whole (checked on a layer slice instead, export/__main__.py) and
+exported as fp16/q4/q4f16 is finalized `deferred`: no weight is written; each initializer points
+at restream.DEFERRED, and the dtype pass (export/dtypes.py) reads it from the checkpoint in its
+final type, so a 7B q4f16 decoder never exists in float32, on disk or in memory.
+
 Peak memory is one tensor plus the exporter's activations, whatever the checkpoint's size. The
 parity checks then load one graph's weights into PyTorch (Weights.load), compute the references,
 release them (Weights.release), and only then open the ONNX Runtime session: the two copies never

@@ -246,3 +246,24 @@ def test_fp16_block_list_keeps_float32_between_blocked_nodes(tmp_path: Path) -> 
     (y,) = D.cpu_session(tmp_path / "m.onnx").run(None, {"x": x})
     assert y.dtype == np.float32 and np.isfinite(y).all()  # g * 1e4 would be inf in fp16
     np.testing.assert_allclose(y, x @ x.T, rtol=2e-3)  # only the fp16 tower input rounds
+
+
+@pytest.mark.parametrize("gate", ["fail", "warn"])
+def test_quality_gate(tmp_path: Path, monkeypatch, capsys, gate: str) -> None:
+    """A variant past its tolerance (forced: a q4 logits tolerance no 4-bit graph meets) fails
+    the export by default, naming every failing graph and the way out; --quality-gate warn
+    writes it, prints the failures and records them in the manifest."""
+    monkeypatch.setitem(D.TOLERANCES, C.DTYPE_Q4, D.Tolerance(1e-9, 1e-9, 0.4))
+    out = tmp_path / "b"
+    args = ["--k", "16", "--dtype", "q4", "--method", "uniform", "-o", str(out)]
+    code = export_cli([*args, "--quality-gate", gate])
+    text = capsys.readouterr()
+    if gate == "fail":
+        assert code == 2 and not out.exists()
+        assert "embed_tokens drifts" in text.err and "decoder drifts" in text.err
+        assert "--quality-gate warn" in text.err
+        return
+    assert code == 0
+    assert "warning: q4 decoder drifts from fp32" in text.out
+    failures = load_manifest(out)[C.KEY_VALIDATION][C.DTYPE_Q4]["failures"]
+    assert len(failures) == 2 and "embed_tokens" in failures[0] and "decoder" in failures[1]
