@@ -295,7 +295,8 @@ def _convert_streamed(
 ) -> None:
     """convert_graph for external-data (or deferred) graphs, in one pass: the converters rewrite
     the structure, the quantizer reads each weight it needs through restream.reading() (fp16
-    values for q4f16), and save_streamed() writes every weight once, in its final type."""
+    values for q4f16) and spills its 4-bit blocks to a file beside `src` as it goes, and
+    save_streamed() writes every weight once, in its final type."""
     from export.progress import bar
     from export.restream import reading, save_streamed, shapes_from_dims
 
@@ -306,10 +307,14 @@ def _convert_streamed(
         if dtype in (C.DTYPE_FP16, C.DTYPE_Q4F16):
             with shapes_from_dims():
                 model = to_fp16(model, pruning_nodes(model) if graph == C.VISION_ONNX else [])
-        if quantize:
-            with reading(src.parent, clamped, deferred):
-                model = to_q4(model, op_type)
-        save_streamed(model, dst, src.parent, progress, clamped, deferred)
+        spill = src.parent / (dst.name + ".q4blocks")
+        try:
+            if quantize:
+                with reading(src.parent, clamped, deferred, spill):
+                    model = to_q4(model, op_type)
+            save_streamed(model, dst, src.parent, progress, clamped, deferred)
+        finally:
+            spill.unlink(missing_ok=True)
 
 
 def tensor_nbytes(tensor: TensorProto) -> int:

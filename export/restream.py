@@ -81,11 +81,14 @@ def _read(base: Path, info: dict[str, str], dtype: np.dtype) -> np.ndarray:
 
 def _stored_dtype(tensor: TensorProto, info: dict[str, str]) -> np.dtype:
     """The dtype of the bytes on disk: a tensor the fp16 converter retyped still points at its
-    float32 bytes (twice the length the new type implies)."""
+    float32 bytes (twice the length the new type implies); anything but float: raw bytes
+    (4-bit blocks, integers: nothing casts them)."""
     n = int(np.prod(tensor.dims, dtype=np.int64))
     if tensor.data_type == TensorProto.FLOAT16 and int(info["length"]) == 4 * n:
         return np.dtype(np.float32)
-    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    if tensor.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+        return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.dtype(np.uint8)
 
 
 def fp16_overflow(arr: np.ndarray) -> tuple[int, float]:
@@ -131,11 +134,20 @@ def tensor_bytes(
 
 
 @contextlib.contextmanager
-def reading(base: Path, clamped: dict, deferred: Deferred | None = None) -> Iterator[None]:
+def reading(
+    base: Path, clamped: dict, deferred: Deferred | None = None, spill: Path | None = None
+) -> Iterator[None]:
     """Inside, ONNX Runtime's MatMulNBits quantizer gets each external weight it asks for with
     its final_values() in memory (one at a time): fp16 values for a weight the fp16 converter
     retyped but did not write, a deferred weight's values from its reader. Its MatMul path
-    reads through onnx_ir and its Gather path through onnx; both ask get_initializer first."""
+    reads through onnx_ir and its Gather path through onnx; both ask get_initializer first.
+
+    `spill` (a file in `base`): the quantizer adds each weight's 4-bit blocks and scales to a
+    scratch graph instead of the model's; before the next weight, their bytes go to `spill`
+    and the model gets references only. Memory then holds one weight's blocks, not the model's
+    (a 7B q4 decoder's are 3.5 GB: protobuf keeps a message's bytes in its arena until the
+    whole model is freed, so they cannot be dropped once added); save_streamed() reads them
+    back one at a time."""
     from onnxruntime.quantization import matmul_nbits_quantizer as quantizer
 
     original = getattr(quantizer, "get_initializer", None)
@@ -144,23 +156,50 @@ def reading(base: Path, clamped: dict, deferred: Deferred | None = None) -> Iter
             "onnxruntime.quantization.matmul_nbits_quantizer has no get_initializer; install "
             "the onnxruntime version pinned in requirements/"
         )
+    scratch: list[tuple[onnx.GraphProto, onnx.GraphProto]] = []  # (scratch, model graph)
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(spill, "wb")) if spill is not None else None
 
-    def get_initializer(name: str, graphs: list) -> tuple:
-        tensor, graph = original(name, graphs)
-        if tensor is None or _external(tensor) is None:
-            return tensor, graph
-        loaded = TensorProto()
-        loaded.CopyFrom(tensor)
-        del loaded.external_data[:]
-        loaded.data_location = TensorProto.DEFAULT
-        loaded.raw_data = final_values(tensor, base, clamped, deferred).tobytes()
-        return loaded, graph
+        def move() -> None:  # the last weight's blocks: bytes to `spill`, references to the model
+            for box, graph in scratch:
+                for tensor in box.initializer:
+                    graph.initializer.append(_spilled(tensor, sink, spill.name))
+            scratch.clear()
 
-    quantizer.get_initializer = get_initializer
-    try:
-        yield
-    finally:
-        quantizer.get_initializer = original
+        def get_initializer(name: str, graphs: list) -> tuple:
+            move()
+            tensor, graph = original(name, graphs)
+            if tensor is None or _external(tensor) is None:
+                return tensor, graph
+            loaded = TensorProto()
+            loaded.CopyFrom(tensor)
+            del loaded.external_data[:]
+            loaded.data_location = TensorProto.DEFAULT
+            loaded.raw_data = final_values(tensor, base, clamped, deferred).tobytes()
+            if sink is None:
+                return loaded, graph
+            scratch.append((onnx.GraphProto(), graph))
+            return loaded, scratch[-1][0]
+
+        quantizer.get_initializer = get_initializer
+        try:
+            yield
+            move()
+        finally:
+            quantizer.get_initializer = original
+
+
+def _spilled(tensor: TensorProto, sink, location: str) -> TensorProto:
+    """`tensor` itself if small, else a reference to its bytes, appended to file `sink`."""
+    if len(tensor.raw_data) < 1024 or tensor.data_location == TensorProto.EXTERNAL:
+        return tensor
+    ref = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    ref.data_location = TensorProto.EXTERNAL
+    offset = sink.seek(0, 2)
+    length = sink.write(tensor.raw_data)
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        ref.external_data.add(key=key, value=str(value))
+    return ref
 
 
 def save_streamed(
