@@ -152,6 +152,7 @@ def main(args: argparse.Namespace) -> Path:
     import torch
 
     from export.bundle import atomic_dir, copy_side_files, package_versions, write_manifest
+    from export.genai import write_genai
     from export.load import checkpoint, load_image_processor
     from export.manifest import (
         build_manifest,
@@ -302,6 +303,7 @@ def main(args: argparse.Namespace) -> Path:
             "export_memory": LEAN if weights is not None else FULL,
         }
         adapt_for_transformersjs(tmp, manifest)  # config/processor files for transformers.js
+        write_genai(tmp, manifest)  # genai_config.json + onnx/embed_genai.onnx for ORT GenAI
         write_manifest(tmp, manifest)
         # The device self-test's reference: this bundle's own CPU run on real photos.
         pipe = Pipeline(

@@ -54,6 +54,20 @@ TJS_CONFIG = "transformers.js_config"  # config.json block: {dtype, use_external
 TJS_DTYPE = "fp32"  # transformers.js dtype whose file suffix is "" (our fixed graph names)
 ORT_DISABLE_PREPACKING = "session.disable_prepacking"  # an ONNX Runtime session config key
 EXTERNAL_DATA_SUFFIX = "_data"  # decoder_model_merged.onnx -> decoder_model_merged.onnx_data
+# ONNX Runtime GenAI's files (export/genai.py writes them, examples/ortgenai/ reads the bundle).
+GENAI_CONFIG = "genai_config.json"  # the name ORT GenAI opens in the model folder
+# input_ids + image_features -> inputs_embeds: embed_tokens' nodes plus the scatter, as ORT
+# GenAI's "embedding" session (transformers.js and our runtime keep EMBED_ONNX)
+GENAI_EMBED_ONNX = f"{ONNX_DIR}/embed_genai.onnx"
+# genai_config.json's vision.config_filename: never written. ORT GenAI's default name is
+# processor_config.json, which is the HF processor's file here (HF_PROCESSOR_CONFIG); only its own
+# MultiModalProcessor reads this file, and the example sets the inputs by hand instead.
+GENAI_PROCESSOR_CONFIG = "genai_processor_config.json"
+GENAI_FILES = (GENAI_CONFIG, GENAI_EMBED_ONNX)
+# The ORT GenAI model type the config names, and the release it was checked against
+# (export/genai.py says why; tests/test_ortgenai.py fails when the installed release differs).
+GENAI_MODEL_TYPE = "gemma3"
+GENAI_VERSION = "0.18.0"
 
 # --- graph inputs / outputs ------------------------------------------------------------------
 PIXEL_VALUES = "pixel_values"  # (batch_size, 3, H, W) float32
@@ -64,6 +78,7 @@ INPUTS_EMBEDS = "inputs_embeds"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+NUM_IMAGE_TOKENS = "num_image_tokens"  # ORT GenAI Generator input: (num_images,) int64, K each
 PAST_PREFIX = "past_key_values"
 PRESENT_PREFIX = "present"
 # The decoder emits logits for the last position only: (batch_size, LOGITS_POSITIONS, vocab), a
@@ -73,14 +88,17 @@ PRESENT_PREFIX = "present"
 LOGITS_POSITIONS = 1
 
 
-def past_names(layer: int) -> tuple[str, str]:
+def past_names(layer: int | str) -> tuple[str, str]:
     """One layer's cache inputs (key, value): (batch, kv_heads, past, head_dim)."""
     return f"{PAST_PREFIX}.{layer}.key", f"{PAST_PREFIX}.{layer}.value"
 
 
-def present_names(layer: int) -> tuple[str, str]:
+def present_names(layer: int | str) -> tuple[str, str]:
     """One layer's cache outputs (key, value): (batch, kv_heads, past + seq, head_dim)."""
     return f"{PRESENT_PREFIX}.{layer}.key", f"{PRESENT_PREFIX}.{layer}.value"
+
+
+GENAI_LAYER = "%d"  # ORT GenAI's layer placeholder: past_names(GENAI_LAYER) is its name pattern
 
 
 # --- symbolic axis names ---------------------------------------------------------------------
@@ -88,6 +106,10 @@ AXIS_BATCH = "batch_size"
 AXIS_SEQ = "sequence_length"
 AXIS_PAST = "past_sequence_length"
 AXIS_TOTAL = "past_sequence_length + sequence_length"
+# GENAI_EMBED_ONNX's image_features (num_images, image_tokens, D): K rows per image at the
+# prompt, 0 at each generation step
+AXIS_IMAGES = "num_images"
+AXIS_IMAGE_TOKENS = "image_tokens"
 
 # --- manifest keys (svdprune.json) -----------------------------------------------------------
 KEY_SCHEMA = "schema_version"
@@ -102,6 +124,7 @@ KEY_PROMPT = "prompt"  # {template, prompt_marker, image_placeholder, chat_templ
 KEY_DTYPE = "dtype"  # the bundle variant: one of DTYPES (absent in older bundles: fp32)
 KEY_GRAPHS = "graphs"  # {graph path: {dtype, bytes}}: what each graph file holds
 KEY_SELFTEST = "selftest"  # {file, images, new_tokens}: the device self-test's reference
+KEY_GENAI = "ortgenai"  # {model_type, why, version, unsupported, config, embedding, shared_data}
 
 # pruning.*
 P_K = "k"
@@ -148,6 +171,7 @@ VAL_PREPROCESS_IMAGES = "preprocess_images"  # how many images (photos and varia
 VAL_FEATURES_REL = "image_features_rel_diff"  # max |ORT - torch| / max |torch|, agreeing rows
 VAL_SELECTION = "kept_indices"  # {agreement_min, agreement_mean, mass_min, mass_mean}
 VAL_DECODER_REL = "decoder_rel_diff"  # worst over logits and presents, each relative to its scale
+VAL_GENAI_EMBED = "embed_genai_max_abs_diff"  # GENAI_EMBED_ONNX vs embed_tokens + scatter: 0.0
 
 # text.*
 T_IMAGE_TOKEN_ID = "image_token_id"
@@ -177,6 +201,17 @@ S_FILE = "file"
 S_IMAGES = "images"
 S_NEW_TOKENS = "new_tokens"
 S_PIXELS_SHA256 = "pixels_sha256"  # of the photos' float32 pixel_values at export
+
+# ortgenai.* (export/genai.py)
+GN_MODEL_TYPE = "model_type"  # GENAI_MODEL_TYPE
+GN_WHY = "why"  # why that type: one sentence
+GN_VERSION = "version"  # GENAI_VERSION: the ORT GenAI release the files were made for
+GN_UNSUPPORTED = "unsupported"  # null, or why ORT GenAI cannot run this bundle (then no files)
+GN_CONFIG = "config"  # GENAI_CONFIG, or null
+GN_EMBED = "embedding"  # GENAI_EMBED_ONNX, or null
+# the external-data file embed_genai reads with EMBED_ONNX (one copy of the table on disk; not
+# counted again in graphs.<GENAI_EMBED_ONNX>.bytes), or null: its table is its own
+GN_SHARED_DATA = "shared_data"
 
 # graphs.<path>.*
 G_DTYPE = "dtype"  # one of DTYPES: the weights' format inside that graph (graph I/O stays float32)

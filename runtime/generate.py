@@ -78,6 +78,26 @@ def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> np.ndarra
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
 
+def prompt_ids(tokenizer: Tokenizer, manifest: dict, prompt: str) -> list[int]:
+    """The user's text in the bundle's template (manifest `prompt`), with exactly K image tokens.
+    Needs no session: other runners of a bundle (examples/ortgenai/) feed the same ids."""
+    p = manifest[C.KEY_PROMPT]
+    return encode_with_image(tokenizer, manifest, p[C.PR_TEMPLATE].replace(p[C.PR_MARKER], prompt))
+
+
+def encode_with_image(tokenizer: Tokenizer, manifest: dict, text: str) -> list[int]:
+    """`text` holding the image placeholder once -> ids with it expanded to exactly K tokens."""
+    image, text_cfg = manifest[C.KEY_PROMPT][C.PR_IMAGE], manifest[C.KEY_TEXT]
+    k = text_cfg[C.T_IMAGE_TOKENS]
+    if text.count(image) != 1:
+        raise PromptError(f"the prompt must contain the image placeholder {image!r} once")
+    ids = tokenizer.encode(text.replace(image, image * k)).ids
+    n_img = sum(1 for i in ids if i == text_cfg[C.T_IMAGE_TOKEN_ID])
+    if n_img != k:
+        raise PromptError(f"prompt holds {n_img} image tokens, the bundle needs {k}")
+    return ids
+
+
 class Pipeline:
     """A loaded bundle: manifest, tokenizer and the three sessions."""
 
@@ -112,19 +132,10 @@ class Pipeline:
     # --- prompt ----------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
         """The user's text in the bundle's template, with exactly K image tokens."""
-        p = self.prompt_cfg
-        text = p[C.PR_TEMPLATE].replace(p[C.PR_MARKER], prompt)
-        return self.encode_with_image(text)
+        return prompt_ids(self.tokenizer, self.m, prompt)
 
     def encode_with_image(self, text: str) -> list[int]:
-        image = self.prompt_cfg[C.PR_IMAGE]
-        if text.count(image) != 1:
-            raise PromptError(f"the prompt must contain the image placeholder {image!r} once")
-        ids = self.tokenizer.encode(text.replace(image, image * self.k)).ids
-        n_img = sum(1 for i in ids if i == self.text[C.T_IMAGE_TOKEN_ID])
-        if n_img != self.k:
-            raise PromptError(f"prompt holds {n_img} image tokens, the bundle needs {self.k}")
-        return ids
+        return encode_with_image(self.tokenizer, self.m, text)
 
     def positions(self, ids: np.ndarray, mask: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """(B, S) position ids: compact, or kept image tokens at their original slots."""

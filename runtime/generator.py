@@ -30,6 +30,25 @@ if TYPE_CHECKING:
     from runtime.generate import Pipeline, Sampling
 
 
+def scatter_features(
+    embeds: np.ndarray, ids: np.ndarray, lo: int, features: np.ndarray | None, image_id: int
+) -> np.ndarray:
+    """Write image features into `embeds` (B, L-lo, D), the embeddings of ids[:, lo:], in place:
+    the k-th image token of row b (counted over the whole row of `ids` (B, L)) gets
+    features[b, k] ((B, K, D)). Returns `embeds`."""
+    img = ids[:, lo:] == image_id
+    if img.any():
+        rank = np.cumsum(ids == image_id, axis=1)[:, lo:] - 1  # k of each token
+        rows = np.nonzero(img)[0]
+        embeds[img] = features[rows, rank[img]]
+    return embeds
+
+
+def answer_text(tokenizer, ids: Sequence[int], eos: set[int] | Sequence[int]) -> str:
+    """Generated ids as the answer's text: eos left out, special tokens skipped."""
+    return tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
+
+
 class Generator:
     """Owns one batch's sequence and KV cache; `pipe` supplies the sessions and the manifest."""
 
@@ -85,8 +104,7 @@ class Generator:
 
     def text(self, row: int = 0) -> str:
         """Row `row`'s tokens generated since the last append, decoded (eos left out)."""
-        ids = [t for t in self.new_tokens[row] if t not in self.eos]
-        return self.pipe.tokenizer.decode(ids, skip_special_tokens=True)
+        return answer_text(self.pipe.tokenizer, self.new_tokens[row], self.eos)
 
     def is_done(self) -> bool:
         """Every row has produced eos, or max_new_tokens were generated since the last append."""
@@ -210,12 +228,7 @@ class Generator:
         """(B, L-lo, D) embeddings of columns lo.., image features at the image tokens."""
         ids = self.ids[:, lo:]
         (embeds,) = self.pipe.embed.run(None, {C.INPUT_IDS: np.ascontiguousarray(ids)})
-        img = ids == self.image_id
-        if img.any():
-            rank = np.cumsum(self.ids == self.image_id, axis=1)[:, lo:] - 1  # k of each token
-            rows = np.nonzero(img)[0]
-            embeds[img] = self.features[rows, rank[img]]
-        return embeds
+        return scatter_features(embeds, self.ids, lo, self.features, self.image_id)
 
     def _run(self) -> None:
         """One decoder run over the uncomputed columns; the presents become the next past."""

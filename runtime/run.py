@@ -111,7 +111,7 @@ def check_prompt(text: str, where: str) -> str:
             "pass the prompt as UTF-8 text"
         ) from e
     if not text.strip():
-        raise PromptError(f'{where} is empty; pass a question, e.g. -p "What is in the image?"')
+        raise PromptError(f'{where} is empty; pass a question, e.g. "What is in the image?"')
     return text
 
 
