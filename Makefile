@@ -56,12 +56,15 @@ endif
 venv: $(STAMP)
 
 # torch is installed on its own first so that nothing else can resolve it to a CUDA build.
+# onnxruntime-genai comes last, with --no-deps: its `onnxruntime` dependency would replace
+# onnxruntime-gpu's files. Its pin is the "# no-deps:" line of requirements/dev.txt.
 $(STAMP): pyproject.toml requirements/runtime.txt requirements/export.txt requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements/dev.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-deps $$(sed -n 's/^# no-deps: //p' requirements/dev.txt)
 	touch $(STAMP)
 
 export: $(STAMP)
@@ -133,3 +136,15 @@ soak: $(STAMP)
 .PHONY: gpu-check
 gpu-check: $(STAMP)
 	$(PY) -m bench.gpu_check
+
+# Our runtime vs ONNX Runtime GenAI, transformers.js (Node) and PyTorch eager generate on one
+# bundle (exported if missing), one interleaved run, each peer a fresh process per repetition:
+# TTFT and its stages, decode tokens/s, peak RSS, ratios to ours, greedy-token agreement ->
+# build/bench-peers/<preset>-k<K>.{json,png}.
+#   make bench-peers [PRESET=tiny|medium] [K=16] [IMAGE=...] [PROMPT=...] [TOKENS=32] [REPS=3]
+#                    [THREADS=1]
+.PHONY: bench-peers
+bench-peers: $(STAMP)
+	$(PY) -m bench.peers --preset $(or $(PRESET),tiny) --k $(K) --image $(IMAGE) \
+		--prompt "$(PROMPT)" --tokens $(or $(TOKENS),32) --reps $(or $(REPS),3) \
+		$(if $(THREADS),--threads $(THREADS))
