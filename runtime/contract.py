@@ -256,3 +256,20 @@ SK_MANIFEST = "manifest_sha256"  # of svdprune.json's bytes: a changed manifest 
 SK_FILES = "files"  # {relative path: {sha256, size, mtime_ns, ctime_ns, ino, dev}}
 SK_SHA256 = "sha256"
 SK_STAT = ("size", "mtime_ns", "ctime_ns", "ino", "dev")  # os.stat_result st_<name>
+
+# --- Qwen2-VL / Qwen2.5-VL preprocessing (runtime/preprocess_qwen.py) --------------------------
+# A Qwen bundle's vision section keeps V_PROCESSOR, V_CONVERT_RGB, V_DO_RESIZE, V_RESAMPLE,
+# V_DO_RESCALE, V_RESCALE, V_DO_NORMALIZE, V_IMAGE_MEAN and V_IMAGE_STD above (same meanings,
+# effective values) and adds these. V_PAD / V_CROP / V_RESIZE / V_RESIZE_SIZE must be absent
+# or none there: Qwen2VLImageProcessor neither pads nor crops.
+QWEN_PROCESSOR = "Qwen2VLImageProcessor"  # V_PROCESSOR of such a bundle (the slow class)
+V_MIN_PIXELS = "min_pixels"  # int: smart_resize's floor on H*W (the processor's min_pixels)
+V_MAX_PIXELS = "max_pixels"  # int: its ceiling on H*W (the processor's max_pixels)
+V_PATCH_SIZE = "patch_size"  # int: the vision tower's spatial patch (14)
+V_TEMPORAL_PATCH = "temporal_patch_size"  # int: frames per patch; a still image is repeated (2)
+V_MERGE_SIZE = "merge_size"  # int: patches merged per side into one LLM token (2)
+# [H, W], multiples of patch_size * merge_size: resize every image to exactly this (a static
+# vision graph, e.g. TensorRT), NOT what the processor does; absent or null: smart_resize.
+V_FIXED_SIZE = "fixed_size"
+# The Qwen vision graph's second input, beside PIXEL_VALUES ((patches, C*T*P*P) float32 there):
+IMAGE_GRID_THW = "image_grid_thw"  # (num_images, 3) int64: (t, h, w) patches per image

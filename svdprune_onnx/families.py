@@ -35,4 +35,13 @@ FAMILIES: dict[str, Family] = {
         towers=tuple(VISION_TOWERS),
         text_models=("llama", "qwen2", "mistral"),
     ),
+    # Qwen2.5-VL's tower is its own (native-resolution patching, window attention, 2x2 patch
+    # merger), saved with vision_config.model_type "qwen2_5_vl"; it is not one of the towers a
+    # LLaVA can carry, so it is not in VISION_TOWERS. Built-in tiny: svdprune_onnx/tiny_qwen.py.
+    "qwen2_5_vl": Family(
+        model_type="qwen2_5_vl",
+        hf_class="Qwen2_5_VLForConditionalGeneration",
+        towers=("qwen2_5_vl",),
+        text_models=("qwen2_5_vl_text",),
+    ),
 }

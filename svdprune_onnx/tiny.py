@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,8 +240,8 @@ def _vision_parts(tower: str, size: Sizes) -> tuple[object, int | list[int], str
     return SiglipVisionConfig(**sizes), -1, "full", image_processor, 0
 
 
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in REQUIRED_FILES)
+def _is_complete(path: Path, required: tuple[str, ...] = REQUIRED_FILES) -> bool:
+    return path.is_dir() and all((path / name).is_file() for name in required)
 
 
 def _matches(path: Path, tower: str, text: str) -> bool:
@@ -322,22 +323,38 @@ def build_tiny_llava(
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
     if text not in TEXT_MODELS:
         raise ValueError(f"text must be one of {tuple(TEXT_MODELS)}, got {text!r}")
-    out_dir = Path(out_dir)
+    return build_atomically(
+        Path(out_dir),
+        lambda dst: _write_checkpoint(dst, tower, text, seed, preset),
+        lambda path: _is_complete(path) and _matches(path, tower, text),
+        f"tiny-llava-{tower}-{text}",
+    )
+
+
+def build_atomically(
+    out_dir: Path, write: Callable[[Path], None], done: Callable[[Path], bool], what: str
+) -> Path:
+    """Return `out_dir`, filling it with `write(tmp_dir)` first unless it exists already.
+
+    An existing `out_dir` for which `done` holds is returned as is; any other existing `out_dir`
+    raises FileExistsError. The folder is written next to `out_dir` and renamed into place, so a
+    failed build leaves nothing behind.
+    """
     if out_dir.exists():
-        if _is_complete(out_dir) and _matches(out_dir, tower, text):
+        if done(out_dir):
             return out_dir
-        raise FileExistsError(f"{out_dir} exists but is not a complete tiny-llava-{tower}-{text}")
+        raise FileExistsError(f"{out_dir} exists but is not a complete {what}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Same parent -> same filesystem, so the final rename is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _write_checkpoint(tmp, tower, text, seed, preset)
+        write(tmp)
         try:
             os.replace(tmp, out_dir)
         except OSError:
             # Lost a race with a concurrent build of the same folder: theirs is as good as ours.
-            if not (_is_complete(out_dir) and _matches(out_dir, tower, text)):
+            if not done(out_dir):
                 raise
     finally:
         if tmp.exists():
