@@ -119,9 +119,10 @@ def _dynamic_shapes(num_layers: int) -> tuple:
     )
 
 
-def _name_axes(program: torch.onnx.ONNXProgram, cfg) -> None:
-    """Rename torch's axes (s0, s53, 'a + b', ...) to the contract's, checking every I/O shape."""
-    inputs, outputs = _io_spec(cfg)
+def _name_axes(program: torch.onnx.ONNXProgram, cfg, spec: tuple | None = None) -> None:
+    """Rename torch's axes (s0, s53, 'a + b', ...) to the contract's, checking every I/O shape
+    against `spec` ((inputs, outputs) as _io_spec returns them; default: _io_spec(cfg))."""
+    inputs, outputs = spec or _io_spec(cfg)
     graph = program.model.graph
     values = {v.name: v for v in [*graph.inputs, *graph.outputs]}
     if list(values) != [*inputs, *outputs]:
@@ -153,28 +154,35 @@ def export_decoder_torch(
     opset: int = 18,
     weights: Weights | None = None,
     deferred: bool = False,
+    family: tuple | None = None,
 ) -> None:
     """Export `lm` (a *ForCausalLM, eager attention) as the merged decoder graph at `path`.
 
     With `weights` (the lean export) `lm` holds stand-ins and each weight is read from the
     checkpoint as it is saved (export/lean_ir.py); past lean.INLINE_BYTES of weights they go to
     `<path.name>_data` beside it (without: past ~2 GB); `deferred`: not written at all (see
-    export.lean.finalize). Raises ExportValidationError when the
-    graph has control flow or a dynamic axis came out static.
+    export.lean.finalize). `family` = (io spec, trace inputs, dynamic shapes) where they differ
+    from LLaVA's (Qwen2.5-VL's 3-row positions, export/qwen_decoder.py). Raises
+    ExportValidationError when the graph has control flow or a dynamic axis came out static.
     """
     path = Path(path)
     cfg = lm.config
-    inputs, outputs = _io_spec(cfg)
+    spec, args, dynamic = family or (
+        _io_spec(cfg),
+        _trace_inputs(cfg, lm.dtype),
+        _dynamic_shapes(cfg.num_hidden_layers),
+    )
+    inputs, outputs = spec
     program = export_program(
         FlatCacheDecoder(lm).eval(),
-        _trace_inputs(cfg, lm.dtype),
+        args,
         weights,
         opset_version=opset,
-        dynamic_shapes=_dynamic_shapes(cfg.num_hidden_layers),
+        dynamic_shapes=dynamic,
         input_names=list(inputs),
         output_names=list(outputs),
     )
-    _name_axes(program, cfg)
+    _name_axes(program, cfg, spec)
     model = program.model
     _check_no_control_flow(model)
     if deferred:

@@ -273,3 +273,19 @@ V_MERGE_SIZE = "merge_size"  # int: patches merged per side into one LLM token (
 V_FIXED_SIZE = "fixed_size"
 # The Qwen vision graph's second input, beside PIXEL_VALUES ((patches, C*T*P*P) float32 there):
 IMAGE_GRID_THW = "image_grid_thw"  # (num_images, 3) int64: (t, h, w) patches per image
+
+# --- Qwen2.5-VL decoder (export/qwen_decoder.py, runtime/mrope.py) ----------------------------
+# The Qwen decoder graph keeps every name and axis above except POSITION_IDS, which carries the
+# three M-RoPE rows (temporal, height, width): (MROPE_ROWS, batch_size, sequence_length) int64,
+# a literal 3 (not a symbolic axis). runtime/mrope.py computes them; text has equal rows.
+MROPE_ROWS = 3
+MROPE_POSITION_AXES = (MROPE_ROWS, AXIS_BATCH, AXIS_SEQ)
+
+# --- Qwen2.5-VL vision graph (export/qwen_vision.py, runtime/qwen_vision_inputs.py) -----------
+# Dynamic graph: inputs (PIXEL_VALUES (AXIS_PATCHES, C*T*P*P) float32, IMAGE_GRID_THW (1, 3)),
+# one still image per call; a fixed-size graph takes PIXEL_VALUES only (the grid is built in).
+# Outputs IMAGE_FEATURES (K, D) and KEPT_INDICES (K,) int64 ascending, indices into the merged
+# grid row-major over (t, h/merge, w/merge); method none: AXIS_IMAGE_TOKENS rows, all of them.
+AXIS_PATCHES = "num_patches"
+QWEN_VISION_INPUTS = (PIXEL_VALUES, IMAGE_GRID_THW)
+P_SCORE_SITE = "score_site"  # pruning.score_site: svdprune_onnx.qwen_vision.SCORE_SITES
