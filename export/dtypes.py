@@ -367,14 +367,17 @@ def kept_overlap(idx: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def vision_quality(path: Path, ref: Path, batches: list[np.ndarray]) -> dict:
-    """Kept-index overlap per image and image_features error on the tokens both keep."""
-    sess, ref_sess = cpu_session(path), cpu_session(ref)
+    """Kept-index overlap per image and image_features error on the tokens both keep. One
+    session at a time (the fp32 tower and its variant never both loaded): outputs are small."""
+    outs = []
+    for graph in (ref, path):
+        sess = cpu_session(graph)
+        outs.append([sess.run(None, {C.PIXEL_VALUES: pixels}) for pixels in batches])
+        del sess
     overlaps, errs = [], []
-    for pixels in batches:
-        feats, idx = sess.run(None, {C.PIXEL_VALUES: pixels})
-        ref_feats, ref_idx = ref_sess.run(None, {C.PIXEL_VALUES: pixels})
+    for (feats, idx), (ref_feats, ref_idx) in zip(outs[1], outs[0], strict=True):
         overlaps.extend(kept_overlap(idx, ref_idx).tolist())
-        for b in range(len(pixels)):
+        for b in range(len(idx)):
             common = np.intersect1d(idx[b], ref_idx[b])
             pick = np.searchsorted(idx[b], common), np.searchsorted(ref_idx[b], common)
             errs.append(rel_err(feats[b, pick[0]], ref_feats[b, pick[1]]))
@@ -400,11 +403,12 @@ def decoder_quality(
 
     Inputs are the fp32 embeddings of random token ids (real embedding statistics, unlike
     Gaussian noise), the same for both graphs. The decoder emits the last position's logits
-    only, so each step compares one row per sequence: 2 * (steps + 1) rows in all.
+    only, so each step compares one row per sequence: 2 * (steps + 1) rows in all. The graphs
+    run one after the other (never both loaded: a 7B slice's or a medium decoder's fp32 copy
+    beside its variant would double this step's memory).
     """
     from export.text_graphs import empty_past
 
-    sessions = cpu_session(path), cpu_session(ref)
     embed = cpu_session(embed_ref)
     rng = np.random.default_rng(seed)
 
@@ -412,24 +416,26 @@ def decoder_quality(
         ids = rng.integers(0, text[C.T_VOCAB], size=(2, n), dtype=np.int64)
         return embed.run(None, {C.INPUT_IDS: ids})[0]
 
+    inputs = [embeds(12)] + [embeds(1) for _ in range(steps)]
     layers, kv, hd = text[C.T_LAYERS], text[C.T_KV_HEADS], text[C.T_HEAD_DIM]
-    feeds = [empty_past(layers, 2, kv, hd) for _ in sessions]
     pasts = [n for i in range(layers) for n in C.past_names(i)]
     presents = [n for i in range(layers) for n in C.present_names(i)]
-    mask = np.ones((2, 12), np.int64)
-    mask[1, :3] = 0
-    emb = embeds(12)
-    got, want = [], []
-    for _ in range(steps + 1):
-        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -emb.shape[1] :]
-        for sess, feed, sink in zip(sessions, feeds, (got, want), strict=True):
+    rows = []
+    for graph in (path, ref):
+        sess, feed = cpu_session(graph), empty_past(layers, 2, kv, hd)
+        mask = np.ones((2, 12), np.int64)
+        mask[1, :3] = 0
+        sink = []
+        for emb in inputs:
+            pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -emb.shape[1] :]
             feed |= {C.INPUTS_EMBEDS: emb, C.ATTENTION_MASK: mask, C.POSITION_IDS: pos}
             logits, *present = sess.run([C.LOGITS, *presents], feed)
             sink.append(logits[:, -1])  # (2, V): the last position, never padding
             feed |= dict(zip(pasts, present, strict=True))
-        emb = embeds(1)
-        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
-    a, b = np.concatenate(got), np.concatenate(want)
+            mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        rows.append(np.concatenate(sink))
+        del sess, feed
+    a, b = rows
     same = a.argmax(-1) == b.argmax(-1)
     # A row's top-1 is decided when fp32's lead over its runner-up exceeds the variant's RMS
     # logit error on that row; below that a flip is rounding noise, which random weights (flat
