@@ -111,7 +111,8 @@ def main(model_dir: Path | None) -> None:
 
     ckpt = model_dir or ensure_tiny_qwen25vl(DEFAULT_MODELS_DIR)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, local_files_only=True)
-    vis = vision_from_processor(AutoImageProcessor.from_pretrained(ckpt, use_fast=False).to_dict())
+    processor = AutoImageProcessor.from_pretrained(ckpt, use_fast=False, local_files_only=True)
+    vis = vision_from_processor(processor.to_dict())
     images = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
     photos = sorted(p for p in images.iterdir() if p.suffix in {".jpg", ".png"})
     module = QV.PrunedQwenVision(model.eval(), PruneConfig(k=16, n=QV.N_MAX)).eval()

@@ -271,6 +271,9 @@ V_MERGE_SIZE = "merge_size"  # int: patches merged per side into one LLM token (
 # [H, W], multiples of patch_size * merge_size: resize every image to exactly this (a static
 # vision graph, e.g. TensorRT), NOT what the processor does; absent or null: smart_resize.
 V_FIXED_SIZE = "fixed_size"
+# The vision keys only a Qwen2.5-VL bundle carries (LLaVA readers, e.g. preprocess.mjs, never see
+# them; V_PATCH_SIZE is written for both families).
+QWEN_VISION_KEYS = (V_MIN_PIXELS, V_MAX_PIXELS, V_TEMPORAL_PATCH, V_MERGE_SIZE, V_FIXED_SIZE)
 # The Qwen vision graph's second input, beside PIXEL_VALUES ((patches, C*T*P*P) float32 there):
 IMAGE_GRID_THW = "image_grid_thw"  # (num_images, 3) int64: (t, h, w) patches per image
 
