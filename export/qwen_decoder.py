@@ -36,7 +36,7 @@ from export.decoder_torch import (
     export_decoder_torch,
 )
 from export.lean import Weights
-from export.text_graphs import cache_arrays
+from export.text_graphs import reference_steps
 from runtime import contract as C
 from runtime.mrope import decode_positions, rope_index
 from svdprune_onnx.vision import UnsupportedModelError
@@ -159,7 +159,6 @@ def qwen_decoder_refs(
     second left-padded by 2), position_ids (3, B, S) of a prompt with an image (runtime.mrope),
     in PyTorch: [(step inputs, [last-position logits, *present]), ...] for
     text_graphs.decoder_parity, unchanged. `embed(ids) -> (..., H)` as decoder_refs."""
-    from transformers import DynamicCache
 
     cfg = lm.config
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
@@ -176,21 +175,10 @@ def qwen_decoder_refs(
         image = ids == IMAGE
         emb = np.array(embed(rng.integers(0, vocab, size=ids.shape)))  # (B, S, H)
         emb[image] = rng.standard_normal((int(image.sum()), hidden)) * scale
-        emb = emb.astype(np.float32)
-        cache = DynamicCache()
-        for step in range(steps + 1):
-            feed = {C.INPUTS_EMBEDS: emb, C.ATTENTION_MASK: mask, C.POSITION_IDS: pos}
-            with torch.no_grad():
-                ref = lm(
-                    inputs_embeds=torch.from_numpy(emb),
-                    attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(pos),
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-            last = ref.logits[:, -C.LOGITS_POSITIONS :].numpy()  # (B, 1, V)
-            out.append((feed | {"step": step}, [last, *cache_arrays(ref.past_key_values)]))
-            pos = decode_positions(deltas, mask.shape[1])  # (3, B, 1): previous max + 1
-            emb = np.asarray(embed(rng.integers(0, vocab, size=(batch, 1))), np.float32)
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+
+        def positions(mask: np.ndarray, n: int, step: int, pos=pos, deltas=deltas) -> np.ndarray:
+            # prefill: the rope index; then (3, B, 1) = previous max + 1 on all rows
+            return pos if step == 0 else decode_positions(deltas, mask.shape[1] - n)
+
+        out += reference_steps(lm, emb.astype(np.float32), mask, embed, rng, steps, positions)
     return out

@@ -26,6 +26,7 @@ from export.vision import (
     ExportValidationError,
     _constants_to_initializers,
     cpu_session,
+    set_output_shapes,
 )
 from runtime import contract as C
 from runtime import parity as P
@@ -82,13 +83,7 @@ def _fix_output_shapes(model: onnx.ModelProto, module: PrunedQwenVision) -> None
         rows = module.prune.k
     else:
         rows = module.prune.n if module.fixed else C.AXIS_IMAGE_TOKENS
-    shapes = {C.IMAGE_FEATURES: [rows, module.out_dim], C.KEPT_INDICES: [rows]}
-    for out in model.graph.output:
-        for d, value in zip(out.type.tensor_type.shape.dim, shapes[out.name], strict=True):
-            if isinstance(value, str):
-                d.dim_param = value
-            else:
-                d.dim_value = value
+    set_output_shapes(model, {C.IMAGE_FEATURES: [rows, module.out_dim], C.KEPT_INDICES: [rows]})
 
 
 def run_qwen_vision(

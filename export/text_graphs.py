@@ -103,7 +103,6 @@ def decoder_refs(
     `embed(ids) -> (..., H)` looks the embeddings up (default: `lm`'s own table); the lean export
     passes the validated embed_tokens graph, so the table need not be in memory here.
     """
-    from transformers import DynamicCache
 
     cfg = lm.config
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
@@ -124,23 +123,45 @@ def decoder_refs(
         emb = np.array(embed(ids))  # (B, 8, H)
         # two "image" rows at the scale of the token embeddings
         emb[:, 4:6] = rng.standard_normal((batch, 2, hidden)) * scale
-        emb = emb.astype(np.float32)
-        cache = DynamicCache()
-        for step in range(steps + 1):
-            pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -emb.shape[1] :]
-            feed = {C.INPUTS_EMBEDS: emb, C.ATTENTION_MASK: mask, C.POSITION_IDS: pos}
-            with torch.no_grad():
-                ref = lm(
-                    inputs_embeds=torch.from_numpy(emb),
-                    attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(pos),
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-            last = ref.logits[:, -C.LOGITS_POSITIONS :].numpy()  # (B, 1, V)
-            out.append((feed | {"step": step}, [last, *cache_arrays(ref.past_key_values)]))
-            emb = np.asarray(embed(rng.integers(0, vocab, size=(batch, 1))), np.float32)
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        out += reference_steps(lm, emb.astype(np.float32), mask, embed, rng, steps, compact)
+    return out
+
+
+def compact(mask: np.ndarray, n: int, step: int) -> np.ndarray:
+    """(B, n) position ids of the last `n` tokens: 0.. over each row's real tokens."""
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -n:]
+
+
+def reference_steps(
+    lm: nn.Module,
+    emb: np.ndarray,
+    mask: np.ndarray,
+    embed: Callable,
+    rng: np.random.Generator,
+    steps: int,
+    positions: Callable[[np.ndarray, int, int], np.ndarray],
+) -> list[tuple[dict, list]]:
+    """One batch's prefill (`emb` (B, S, H), `mask` (B, S)) + `steps` decode steps of random
+    tokens, in PyTorch: [(step inputs, [last-position logits, *present]), ...].
+    `positions(mask so far, new tokens, step)` gives the step's position ids."""
+    from transformers import DynamicCache
+
+    batch, vocab, cache, out = emb.shape[0], lm.config.vocab_size, DynamicCache(), []
+    for step in range(steps + 1):
+        pos = positions(mask, emb.shape[1], step)
+        feed = {C.INPUTS_EMBEDS: emb, C.ATTENTION_MASK: mask, C.POSITION_IDS: pos}
+        with torch.no_grad():
+            ref = lm(
+                inputs_embeds=torch.from_numpy(emb),
+                attention_mask=torch.from_numpy(mask),
+                position_ids=torch.from_numpy(pos),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        last = ref.logits[:, -C.LOGITS_POSITIONS :].numpy()  # (B, 1, V)
+        out.append((feed | {"step": step}, [last, *cache_arrays(ref.past_key_values)]))
+        emb = np.asarray(embed(rng.integers(0, vocab, size=(batch, 1))), np.float32)
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
     return out
 
 

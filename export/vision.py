@@ -119,7 +119,11 @@ def _fix_output_shapes(model: onnx.ModelProto, k: int, dim: int, batch: int | No
     # TorchScript names derived axes "Addimage_features_dim_1"; K and D are static, and clients
     # (TensorRT, transformers.js) read these shapes, so state them.
     b = C.AXIS_BATCH if batch is None else batch
-    shapes = {C.IMAGE_FEATURES: [b, k, dim], C.KEPT_INDICES: [b, k]}
+    set_output_shapes(model, {C.IMAGE_FEATURES: [b, k, dim], C.KEPT_INDICES: [b, k]})
+
+
+def set_output_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> None:
+    """Each graph output's dims as `shapes` states them (int: fixed, str: a named axis)."""
     for out in model.graph.output:
         for d, value in zip(out.type.tensor_type.shape.dim, shapes[out.name], strict=True):
             if isinstance(value, str):
