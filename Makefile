@@ -4,7 +4,8 @@
 #                         variables (exported first if missing); IMAGE=, PROMPT=
 #   make test          -> the CPU test suite that CI runs
 # Variables for export: K, MODEL (local HF LLaVA checkpoint dir) or PRESET=medium, METHOD, RANK,
-# ITERS, CENTER, SCORE, POSITIONS, DECODER_EXPORTER, OUT, DTYPE (fp32|fp16|int8|q4|q4f16), BATCH.
+# ITERS, CENTER, SCORE, POSITIONS, DECODER_EXPORTER, OUT, DTYPE (fp32|fp16|int8|q4|q4f16), BATCH,
+# QUALITY_GATE (fail|warn: a variant past its tolerance fails the export, or is kept and recorded).
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -49,6 +50,9 @@ EXPORT_ARGS += --dtype $(DTYPE)
 endif
 ifdef BATCH
 EXPORT_ARGS += --batch $(BATCH)
+endif
+ifdef QUALITY_GATE
+EXPORT_ARGS += --quality-gate $(QUALITY_GATE)
 endif
 
 .PHONY: venv export run test lint format bench-fidelity bench-overhead clean

@@ -76,7 +76,8 @@ def make_run(tmp_path: Path, **variables: str) -> list[str]:
     stub.write_text(STUB.format(python=sys.executable))
     stub.chmod(0o755)
     # A parent make (`make test K=32`) passes its variables down through MAKEFLAGS/environment.
-    names = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "K", "MODEL", "PRESET", "DTYPE", "OUT")
+    names = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "K", "MODEL", "PRESET", "DTYPE", "OUT",
+             "QUALITY_GATE")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in names}
     args = [f"{k}={v}" for k, v in {"PY": str(stub), "STAMP": "", **variables}.items()]
     proc = subprocess.run(
@@ -105,3 +106,9 @@ def test_make_run_uses_an_existing_out_bundle(tmp_path: Path) -> None:
     (out / C.MANIFEST_FILE).write_text("{}")
     (run,) = make_run(tmp_path, OUT=str(out), DTYPE="int8")  # exists: no export
     assert f"RUN -m runtime.run -m {out} -i " in run
+
+
+def test_make_passes_the_quality_gate(tmp_path: Path) -> None:
+    """QUALITY_GATE=warn reaches the export (a variant past its tolerance is kept, recorded)."""
+    export, _ = make_run(tmp_path, MODEL=str(tmp_path / "m"), DTYPE="q4", QUALITY_GATE="warn")
+    assert export.split()[-2:] == ["--quality-gate", "warn"]
