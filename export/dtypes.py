@@ -333,7 +333,7 @@ def convert_bundle(
 ) -> dict[str, str]:
     """Move the fp32 graphs of bundle folder `root` to `ref` and write the `dtype` variant in
     their place; returns {graph: graph dtype}. Graphs in `consume` (checked on a slice, not
-    against their fp32 file) lose their fp32 file as soon as the conversion has read it;
+    against their fp32 file) lose their fp32 weights file once converted;
     `clamped` collects convert_graph's fp16 clamps per graph; `deferred`: {graph: readers of
     the weights it has not written} (export/lean.py)."""
     plan = PLANS[dtype]
