@@ -5,7 +5,9 @@
 #   make test          -> the CPU test suite that CI runs
 # Variables for export: K, MODEL (local HF LLaVA checkpoint dir) or PRESET=medium, METHOD, RANK,
 # ITERS, CENTER, SCORE, POSITIONS, DECODER_EXPORTER, OUT, DTYPE (fp32|fp16|int8|q4|q4f16), BATCH,
-# QUALITY_GATE (fail|warn: a variant past its tolerance fails the export, or is kept and recorded).
+# QUALITY_GATE (fail|warn: a variant past its tolerance fails the export, or is kept and recorded),
+# FAMILY (llava | qwen2.5-vl: the built-in model when no MODEL), IMAGE_SIZE (Qwen2.5-VL: HxW, a
+# static vision graph), SCORE_SITE (Qwen2.5-VL: merged | merger_input | patches).
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -50,6 +52,15 @@ EXPORT_ARGS += --dtype $(DTYPE)
 endif
 ifdef BATCH
 EXPORT_ARGS += --batch $(BATCH)
+endif
+ifdef FAMILY
+EXPORT_ARGS += --family $(FAMILY)
+endif
+ifdef IMAGE_SIZE
+EXPORT_ARGS += --image-size $(IMAGE_SIZE)
+endif
+ifdef SCORE_SITE
+EXPORT_ARGS += --score-site $(SCORE_SITE)
 endif
 ifdef QUALITY_GATE
 EXPORT_ARGS += --quality-gate $(QUALITY_GATE)

@@ -1,6 +1,6 @@
 """`python -m export` / `make export K=16`: checkpoint -> validated bundle folder.
 
--m CHECKPOINT (default: the built-in tiny LLaVA, built if missing)
+-m CHECKPOINT (default: the built-in tiny LLaVA, built if missing; Qwen2.5-VL: qwen_export.py)
   └─ PrunedVision(K, method, rank, iters, ...) ─► onnx/vision_encoder.onnx
        └─ ORT vs PyTorch on real photos, batch 1 and 3 ─► svdprune.json ─► rename into place
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 import time
 from collections.abc import Iterator
@@ -35,6 +36,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     ap.add_argument(
         "-m", "--model", type=Path, help="local LLaVA checkpoint folder (default: tiny)"
+    )
+    ap.add_argument(
+        "--family",
+        choices=tuple(FAMILY_NAMES),
+        help="model family when no -m is given: llava (default) or qwen2.5-vl (the built-in "
+        "tiny/medium Qwen2.5-VL); with -m it is read from config.json",
+    )
+    ap.add_argument(
+        "--image-size",
+        type=_size,
+        help="Qwen2.5-VL: fix the vision graph's resolution HxW, e.g. 448x448 (a static graph "
+        "for TensorRT; images are resized to exactly it); default: each image at its own size",
+    )
+    ap.add_argument(
+        "--score-site",
+        choices=("merged", "merger_input", "patches"),
+        default="merged",
+        help="Qwen2.5-VL: where leverage is computed (svdprune_onnx/qwen_vision.py; default "
+        "merged, chosen by measurement)",
     )
     ap.add_argument(
         "--preset",
@@ -104,6 +124,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+# --family values -> the manifest's model.family (the checkpoint's model_type)
+FAMILY_NAMES = {"llava": C.FAMILY_LLAVA, "qwen2.5-vl": C.FAMILY_QWEN25VL}
+
+
+def _size(text: str) -> tuple[int, int]:
+    from export.qwen_export import parse_size
+
+    return parse_size(text)
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -142,13 +172,31 @@ def bundle_path(args: argparse.Namespace, src: Path | None = None) -> Path:
         from export.load import checkpoint
 
         with contextlib.redirect_stdout(sys.stderr):
-            src = checkpoint(args.model, args.preset)
+            src = checkpoint(args.model, args.preset, family(args))
     suffix = "" if args.dtype == C.DTYPE_FP32 else f"-{args.dtype}"
     return REPO / "build" / f"{src.name}-k{args.k}{suffix}"
 
 
+def family(args: argparse.Namespace) -> str:
+    """The manifest family this export writes (model_type): -m's, else --family's."""
+    from export.load import family_of
+
+    return family_of(args.model, FAMILY_NAMES.get(args.family))
+
+
 def main(args: argparse.Namespace) -> Path:
     """Export one bundle; returns its folder. Raises typed errors on bad input."""
+    from svdprune_onnx.vision import UnsupportedModelError
+
+    if family(args) == C.FAMILY_QWEN25VL:
+        from export.qwen_export import main_qwen
+
+        return main_qwen(args)
+    if args.image_size is not None:
+        raise UnsupportedModelError(
+            "--image-size fixes a Qwen2.5-VL graph's resolution; a LLaVA tower's is fixed "
+            "already (drop --image-size)"
+        )
     import torch
 
     from export.bundle import atomic_dir, copy_side_files, package_versions, write_manifest
@@ -163,13 +211,7 @@ def main(args: argparse.Namespace) -> Path:
     )
     from export.photos import synthetic_photo, validation_batches
     from export.processor import check_runtime_pixels
-    from export.text_graphs import (
-        decoder_parity,
-        decoder_refs,
-        embed_parity,
-        embed_refs,
-        export_embed,
-    )
+    from export.text_graphs import decoder_refs, embed_parity, embed_refs, export_embed
     from export.transformersjs import adapt_for_transformersjs
     from export.vision import OPSET, export_vision, validate_vision, vision_refs
     from runtime.generate import Pipeline
@@ -263,25 +305,17 @@ def main(args: argparse.Namespace) -> Path:
         # the rest, on its first SLICE_LAYERS layers exported by the same code (lean only). A
         # decoder checked on a slice is then written in the target dtype straight from the
         # checkpoint: its weights never exist in float32 on disk (export.lean.finalize).
-        check = parity_target(src, lm, weights, tmp, args.decoder_exporter)
+        export_fn = functools.partial(export_decoder, args.decoder_exporter)
+        check = parity_target(src, lm, weights, tmp, export_fn, causal_lm)
         defer = check is not None and args.dtype in DEFERRABLE
-        export_decoder(args.decoder_exporter, lm, tmp / C.DECODER_ONNX, weights, defer)
-        check_lm, check_weights, check_path, check_text = check or (
-            lm,
-            weights,
-            tmp / C.DECODER_ONNX,
-            text_facts(model),
-        )
-        table = check_lm.get_input_embeddings()  # lean: inputs read row by row, not loaded
-        with loaded(check_weights, check_lm, but=table):
-            lookup = check_weights.lookup(table) if check_weights is not None else None
-            refs = decoder_refs(check_lm, lookup)
-        worst = decoder_parity(check_path, refs, check_text)
+        export_fn(lm, tmp / C.DECODER_ONNX, weights, defer)
+        worst = check_decoder(check, lm, weights, tmp / C.DECODER_ONNX, model, decoder_refs)
         report[C.VAL_DECODER_REL], report["decoder_max_abs_diff"] = worst["rel"], worst["abs"]
-        report["decoder_parity_layers"] = check_text[C.T_LAYERS]
+        report["decoder_parity_layers"] = worst["layers"]
+        check_text = check[3] if check else None
         done(t, f"prefill + 3 steps, batch 1/2, rel. diff {worst['rel']:.1e} of each scale")
 
-        sliced = (check_path, check_text) if check else None
+        sliced = (check[2], check_text) if check else None
         deferred = weights.deferred if weights is not None else None
         strict = args.quality_gate == GATE_FAIL
         plan = convert_variant(
@@ -371,13 +405,13 @@ def export_decoder(exporter: str, lm, path: Path, weights, deferred: bool = Fals
         export_decoder_optimum(lm, path, OPSET, weights, deferred)
 
 
-def parity_target(src: Path, lm, weights, tmp: Path, exporter: str):
+def parity_target(src: Path, lm, weights, tmp: Path, export_fn, lm_fn):
     """None: check the decoder itself. Else (lm, Weights, graph, text facts) of its first
-    SLICE_LAYERS layers, exported the same way: the lean export's answer to a decoder whose
-    float32 weights (loaded for PyTorch) would take more than PARITY_SHARE of free memory."""
+    SLICE_LAYERS layers, exported the same way (`export_fn(lm, path, weights)`, `lm_fn(model)`
+    -> the decoder module): the lean export's answer to a decoder whose float32 weights (loaded
+    for PyTorch) would take more than PARITY_SHARE of free memory."""
     from export.lean import available_bytes, shell
     from export.manifest import text_facts
-    from svdprune_onnx.text import causal_lm
 
     if weights is None:
         return None
@@ -387,12 +421,29 @@ def parity_target(src: Path, lm, weights, tmp: Path, exporter: str):
     model, slice_weights = shell(src, text_layers=SLICE_LAYERS)
     path = tmp / ".parity-slice" / Path(C.DECODER_ONNX).name
     path.parent.mkdir(parents=True)
-    slice_lm = causal_lm(model)
-    export_decoder(exporter, slice_lm, path, slice_weights)
+    slice_lm = lm_fn(model)
+    export_fn(slice_lm, path, slice_weights)
     print(f"      the fp32 decoder ({need / 2**30:.1f} GiB) is more than {PARITY_SHARE:.0%} of "
           f"the {free / 2**30:.1f} GiB available: parity on its first {SLICE_LAYERS} layers "
           f"of {lm.config.num_hidden_layers}, exported the same way")  # fmt: skip
     return slice_lm, slice_weights, path, text_facts(model)
+
+
+def check_decoder(check, lm, weights, path: Path, model, refs_fn) -> dict:
+    """The decoder graph (or parity_target's slice `check`) vs PyTorch: {rel, abs, layers}.
+    `refs_fn(lm, embed lookup)` computes the PyTorch steps (text_graphs / qwen_decoder)."""
+    from export.manifest import text_facts
+    from export.text_graphs import decoder_parity
+
+    check_lm, check_weights, check_path, check_text = check or (
+        lm, weights, path, text_facts(model)
+    )  # fmt: skip
+    table = check_lm.get_input_embeddings()  # lean: inputs read row by row, not loaded
+    with loaded(check_weights, check_lm, but=table):
+        lookup = check_weights.lookup(table) if check_weights is not None else None
+        refs = refs_fn(check_lm, lookup)
+    worst = decoder_parity(check_path, refs, check_text)
+    return {**worst, "layers": check_text[C.T_LAYERS]}
 
 
 def same_pixels(px, want) -> bool:

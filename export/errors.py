@@ -8,7 +8,10 @@ from export.processor import ImageProcessorError
 from export.transformersjs import TransformersJsError
 from export.vision import ExportValidationError
 from runtime.bundle import BundleError
+from runtime.mrope import PositionError
 from runtime.preprocess import ImageError
+from runtime.qwen_vision_inputs import GridError
+from svdprune_onnx.qwen_vision import UnsupportedQwenError
 from svdprune_onnx.select import PruneError
 from svdprune_onnx.vision import UnsupportedModelError
 
@@ -23,4 +26,7 @@ USER_ERRORS = (
     FileExistsError,
     OutputError,
     TransformersJsError,
+    GridError,
+    UnsupportedQwenError,
+    PositionError,
 )

@@ -241,27 +241,28 @@ def available_bytes() -> int:
 
 
 def shell(folder: Path, text_layers: int | None = None) -> tuple[nn.Module, Weights]:
-    """The LLaVA model of checkpoint `folder` with stand-in weights, eval mode, eager attention;
-    `text_layers` keeps the first layers of the text model only (a parity slice)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    """The model of checkpoint `folder` (its family's transformers class: LLaVA or Qwen2.5-VL)
+    with stand-in weights, eval mode, eager attention; `text_layers` keeps the first layers of
+    the text model only (a parity slice)."""
+    import transformers
+    from transformers import AutoConfig
     from transformers.modeling_utils import no_init_weights
 
     from export.load import read_config
+    from svdprune_onnx.families import FAMILIES
 
-    read_config(folder)
-    cfg = LlavaConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    cls = getattr(transformers, FAMILIES[read_config(folder)["model_type"]].hf_class)
+    cfg = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     if text_layers is not None:
         cfg.text_config.num_hidden_layers = text_layers
     with params_on_meta(), no_init_weights():
-        model = LlavaForConditionalGeneration._from_config(
-            cfg, attn_implementation="eager", dtype=torch.float32
-        )
+        model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     model.tie_weights()  # lm_head = embed_tokens where the config ties them (no_init skips it)
     if (folder / "generation_config.json").is_file():  # eos / pad ids, as from_pretrained reads
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-    weights = Weights(model, folder, LlavaForConditionalGeneration._checkpoint_conversion_mapping)
+    weights = Weights(model, folder, cls._checkpoint_conversion_mapping)
     return model.eval(), weights
 
 

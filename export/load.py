@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from transformers import AutoImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 
 from runtime import contract as C
-from svdprune_onnx.families import FAMILIES, VISION_TOWERS
+from svdprune_onnx.families import FAMILIES
 from svdprune_onnx.vision import UnsupportedModelError, vision_token_count
 
 # Where the built-in random-weight presets are built (once) when no --model is given.
@@ -47,25 +47,45 @@ def read_config(path: Path) -> dict:
             f"supported families: {', '.join(FAMILIES)} (e.g. llava-hf/llava-1.5-7b-hf)"
         )
     tower = cfg.get("vision_config", {}).get("model_type", "clip_vision_model")
-    if tower not in VISION_TOWERS:
+    towers = FAMILIES[family].towers
+    if tower not in towers:
         raise UnsupportedModelError(
-            f"{path}: vision tower {tower!r} is not supported; "
-            f"supported: {', '.join(VISION_TOWERS)}"
+            f"{path}: vision tower {tower!r} is not supported in a {family} checkpoint; "
+            f"supported: {', '.join(towers)}"
         )
     return cfg
 
 
-def checkpoint(model: Path | None, preset: str = "tiny") -> Path:
+def checkpoint(model: Path | None, preset: str = "tiny", family: str | None = None) -> Path:
     """The checkpoint folder: a local `--model`, else the built-in preset, built under MODELS if
     missing: tiny (CLIP + Llama, seconds), realistic (tiny with the activation statistics of
-    real checkpoints) or medium (CLIP ViT-L/14-336 + Qwen2-0.5B shapes)."""
+    real checkpoints) or medium (CLIP ViT-L/14-336 + Qwen2-0.5B shapes); family qwen2_5_vl:
+    the tiny Qwen2.5-VL, or medium (Qwen2.5-VL-3B shapes)."""
     if model is not None:
         return Path(model).resolve()
+    if family == C.FAMILY_QWEN25VL:
+        from svdprune_onnx.tiny_qwen import ensure_tiny_qwen25vl
+
+        return ensure_tiny_qwen25vl(MODELS, preset=preset).resolve()
     from svdprune_onnx.tiny import ensure_tiny_llava
 
     if preset == "medium":
         return ensure_tiny_llava(MODELS, tower="clip", text="qwen2", preset="medium").resolve()
     return ensure_tiny_llava(MODELS, preset=preset).resolve()
+
+
+def family_of(model: Path | None, family: str | None) -> str:
+    """The family to export: the checkpoint's model_type (checked against --family), else
+    --family, else LLaVA."""
+    if model is None:
+        return family or C.FAMILY_LLAVA
+    found = read_config(Path(model))["model_type"]
+    if family is not None and family != found:
+        raise CheckpointError(
+            f"{model} is a {found} checkpoint, not {family}; drop --family (it is read from "
+            "config.json) or pass a matching checkpoint"
+        )
+    return found
 
 
 def token_count(path: Path) -> int:

@@ -11,6 +11,7 @@ The runtime checks a grid against the graph before it runs it (runtime/qwen_visi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from export.lean import Weights, capture, finalize
 from export.vision import (
     FORBIDDEN_OPS,
     OPSET,
@@ -49,8 +51,12 @@ def _dummy(module: PrunedQwenVision) -> Sample:
     return torch.randn(int(grid.prod()), dim, generator=gen).numpy(), grid
 
 
-def export_qwen_vision(module: PrunedQwenVision, path: Path) -> None:
-    """Export (dynamic resolution, or the module's fixed_size); checker-clean, no Loop/If/Scan."""
+def export_qwen_vision(
+    module: PrunedQwenVision, path: Path, weights: Weights | None = None
+) -> None:
+    """Export (dynamic resolution, or the module's fixed_size); checker-clean, no Loop/If/Scan.
+    `weights` (lean): `module` holds stand-ins; each weight is streamed from the checkpoint as
+    the graph is written (export/lean.py), as export.vision does for LLaVA."""
     pixels, grid = _dummy(module)
     args = (torch.from_numpy(pixels),)
     inputs = [C.PIXEL_VALUES]
@@ -61,16 +67,23 @@ def export_qwen_vision(module: PrunedQwenVision, path: Path) -> None:
         axes[C.PIXEL_VALUES] = {0: C.AXIS_PATCHES}
         if module.prune.method == NONE:
             axes[C.IMAGE_FEATURES] = axes[C.KEPT_INDICES] = {0: C.AXIS_IMAGE_TOKENS}
-    with warnings.catch_warnings(), torch.no_grad():
+    lean = weights is not None
+    with (
+        capture(weights) if lean else contextlib.nullcontext({}) as captured,
+        warnings.catch_warnings(),
+        torch.no_grad(),
+    ):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, args, str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes,
             input_names=inputs, output_names=[C.IMAGE_FEATURES, C.KEPT_INDICES],
         )  # fmt: skip
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # lean: the weightless graph
     _fix_output_shapes(model, module)
     _constants_to_initializers(model)
     onnx.save(model, str(path))
+    if lean:
+        finalize(path, captured, weights, C.VISION_ONNX)
     onnx.checker.check_model(str(path), full_check=True)
     bad = sorted({n.op_type for n in model.graph.node} & FORBIDDEN_OPS)
     if bad:

@@ -292,3 +292,9 @@ MROPE_POSITION_AXES = (MROPE_ROWS, AXIS_BATCH, AXIS_SEQ)
 AXIS_PATCHES = "num_patches"
 QWEN_VISION_INPUTS = (PIXEL_VALUES, IMAGE_GRID_THW)
 P_SCORE_SITE = "score_site"  # pruning.score_site: svdprune_onnx.qwen_vision.SCORE_SITES
+P_SITE_CHOICE = "score_site_evidence"  # the measurement behind the default site (SITE_CHOICE)
+P_MIN_TOKENS = "min_tokens"  # fewest merged tokens an image must give (K, or the rank r)
+P_N_MAX = "n_max"  # most merged tokens one image may give (the graph's constants' size)
+# A Qwen bundle's text.image_tokens is K, or null for method none (N varies with the image).
+FAMILY_LLAVA = "llava"  # model.family of a LLaVA bundle (the checkpoint's model_type)
+FAMILY_QWEN25VL = "qwen2_5_vl"  # model.family of a Qwen2.5-VL bundle

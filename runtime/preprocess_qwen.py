@@ -189,9 +189,16 @@ def _rgb(image: Image.Image) -> Image.Image:
     return to_rgb(image)
 
 
-def preprocess_qwen(image: Image.Image, vision: Mapping) -> tuple[np.ndarray, np.ndarray]:
+def preprocess_qwen(
+    image: Image.Image, vision: Mapping, min_tokens: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """(pixel_values (N, C*T*P*P) float32, image_grid_thw (1, 3) int64) for one PIL image, as the
-    slow Qwen2VLImageProcessor computes them; the section's fixed_size, if set, overrides it."""
+    slow Qwen2VLImageProcessor computes them; the section's fixed_size, if set, overrides it.
+
+    `min_tokens` (a pruned graph's K, manifest pruning.min_tokens) raises min_pixels to
+    min_tokens * (patch_size * merge_size)^2 where it is lower: an image the processor would
+    give fewer than K tokens is upscaled to K instead of refused (the only case where the
+    pixels differ from the processor's; at or above K tokens they are equal)."""
     f = _facts(vision)
     rgb = _rgb(image)
     if f[C.V_FIXED_SIZE] is not None:
@@ -204,7 +211,8 @@ def preprocess_qwen(image: Image.Image, vision: Mapping) -> tuple[np.ndarray, np
     size = None
     if f[C.V_DO_RESIZE]:
         step = f[C.V_PATCH_SIZE] * f[C.V_MERGE_SIZE]
-        size = smart_resize(rgb.height, rgb.width, step, f[C.V_MIN_PIXELS], f[C.V_MAX_PIXELS])
+        floor = max(f[C.V_MIN_PIXELS], min_tokens * step * step)
+        size = smart_resize(rgb.height, rgb.width, step, floor, f[C.V_MAX_PIXELS])
     return _pipeline(rgb, size, f)
 
 

@@ -55,6 +55,12 @@ SIZES = Sizes(
     tie_embeddings=True,
 )
 FULLATT_BLOCKS = [3]
+# Presets: (sizes, full-attention blocks). medium has Qwen2.5-VL-3B-Instruct's shapes exactly
+# (random weights, ~3.8 B parameters, 15 GB in float32): real compute for `make profile`.
+PRESETS: dict[str, tuple[Sizes, list[int]]] = {
+    "tiny": (SIZES, FULLATT_BLOCKS),
+    "medium": (Sizes(1280, 3420, 32, 16, 2048, 11008, 36, 16, 2, 151936, True), [7, 15, 23, 31]),
+}
 
 PATCH_SIZE = 14
 TEMPORAL_PATCH_SIZE = 2
@@ -192,10 +198,12 @@ def image_processor() -> Qwen2VLImageProcessor:
     )
 
 
-def make_config(tokenizer: Qwen2TokenizerFast, size: Sizes = SIZES) -> Qwen2_5_VLConfig:
+def make_config(
+    tokenizer: Qwen2TokenizerFast, size: Sizes = SIZES, fullatt: list[int] = FULLATT_BLOCKS
+) -> Qwen2_5_VLConfig:
     """The Qwen2.5-VL-3B-Instruct config.json at `size`'s widths and depths."""
     ids = tokenizer.convert_tokens_to_ids
-    vocab = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    vocab = size.vocab or -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     vision = dict(
         depth=size.vision_layers,
         hidden_size=size.vision_hidden,
@@ -209,7 +217,7 @@ def make_config(tokenizer: Qwen2TokenizerFast, size: Sizes = SIZES) -> Qwen2_5_V
         tokens_per_second=TOKENS_PER_SECOND,
         window_size=WINDOW_SIZE,
         out_hidden_size=size.text_hidden,  # the merger projects straight to the decoder width
-        fullatt_block_indexes=FULLATT_BLOCKS,
+        fullatt_block_indexes=fullatt,
     )
     text = dict(
         vocab_size=vocab,
@@ -243,10 +251,10 @@ def _matches(path: Path) -> bool:
     return json.loads((path / "config.json").read_text()).get("model_type") == MODEL_TYPE
 
 
-def _write_checkpoint(dst: Path, seed: int) -> None:
+def _write_checkpoint(dst: Path, seed: int, preset: str = "tiny") -> None:
     """Build tokenizer, processor and model and save them all into `dst` (an existing dir)."""
     tokenizer = _build_tokenizer()
-    config = make_config(tokenizer)
+    config = make_config(tokenizer, *PRESETS[preset])
     # fork_rng: seed deterministically without clobbering the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -281,25 +289,31 @@ def _done(path: Path) -> bool:
     return _is_complete(path, REQUIRED_FILES) and _matches(path)
 
 
-def build_tiny_qwen25vl(out_dir: Path, *, seed: int = 0) -> Path:
+def build_tiny_qwen25vl(out_dir: Path, *, seed: int = 0, preset: str = "tiny") -> Path:
     """Build a tiny random Qwen2.5-VL checkpoint folder at `out_dir` and return it.
 
     Same seed -> bitwise-identical weights. An already complete Qwen2.5-VL `out_dir` is returned
     as is; any other existing `out_dir` raises FileExistsError. Atomic like tiny.build_tiny_llava.
     """
     return build_atomically(
-        Path(out_dir), lambda dst: _write_checkpoint(dst, seed), _done, TINY_NAME
+        Path(out_dir), lambda dst: _write_checkpoint(dst, seed, preset), _done, TINY_NAME
     )
 
 
-def tiny_name(*, seed: int = 0) -> str:
-    """Folder name: TINY_NAME, suffixed with the seed unless it is 0."""
-    return TINY_NAME if seed == 0 else f"{TINY_NAME}-seed{seed}"
+def tiny_name(*, seed: int = 0, preset: str = "tiny") -> str:
+    """Folder name: TINY_NAME (medium-qwen2.5-vl for that preset), suffixed with the seed
+    unless it is 0."""
+    base = TINY_NAME if preset == "tiny" else f"{preset}-qwen2.5-vl"
+    return base if seed == 0 else f"{base}-seed{seed}"
 
 
-def ensure_tiny_qwen25vl(models_dir: Path = DEFAULT_MODELS_DIR, *, seed: int = 0) -> Path:
-    """Return `models_dir / tiny-qwen2.5-vl`, building it first if it is missing."""
-    out_dir = Path(models_dir) / tiny_name(seed=seed)
+def ensure_tiny_qwen25vl(
+    models_dir: Path = DEFAULT_MODELS_DIR, *, seed: int = 0, preset: str = "tiny"
+) -> Path:
+    """Return `models_dir / tiny-qwen2.5-vl` (or the preset's folder), building it if missing."""
+    if preset not in PRESETS:
+        raise ValueError(f"Qwen2.5-VL presets are {', '.join(PRESETS)}, not {preset!r}")
+    out_dir = Path(models_dir) / tiny_name(seed=seed, preset=preset)
     if not _is_complete(out_dir, REQUIRED_FILES):
-        print(f"building tiny Qwen2.5-VL checkpoint at {out_dir}", flush=True)
-    return build_tiny_qwen25vl(out_dir, seed=seed)
+        print(f"building {preset} Qwen2.5-VL checkpoint at {out_dir}", flush=True)
+    return build_tiny_qwen25vl(out_dir, seed=seed, preset=preset)

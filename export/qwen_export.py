@@ -1,0 +1,276 @@
+"""`python -m export --family qwen2.5-vl` / `make export FAMILY=qwen2.5-vl`: a Qwen2.5-VL bundle.
+
+-m CHECKPOINT (default: the built-in tiny Qwen2.5-VL, built if missing)
+  ├─ PrunedQwenVision(K, site, --image-size) ─► onnx/vision_encoder.onnx
+  │    └─ ORT vs PyTorch on the real photos, each at its own smart-resized size (+ 448x448)
+  ├─ embed_tokens ─► onnx/embed_tokens.onnx (ids -> embeddings, parity)
+  ├─ language model + lm_head, 3-row M-RoPE position_ids ─► onnx/decoder_model_merged.onnx
+  │    └─ prefill + 3 steps, batch 1/2 with an image's positions, vs PyTorch
+  └─ svdprune.json (family qwen2_5_vl, pruning.score_site / min_tokens / n_max) ─► rename
+
+The same atomic folder, lean weight streaming and manifest as the LLaVA route
+(export/__main__.py); what differs is what a Qwen bundle needs: one image per vision call at
+its own resolution, the processor's min/max pixels instead of a fixed size, and 3-row positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from runtime import contract as C
+
+# Validation sizes besides each photo's own: (W, H) PIL resizes of the first photo (448x448 is
+# the square TensorRT size; 644x476 the smart-resize of 640x480 with rows not a power of two).
+EXTRA_SIZES = ((448, 448),)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """--image-size HxW (e.g. 448x448) -> (H, W)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 448x448, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def load_qwen(src: Path, memory: str):
+    """(Qwen2_5_VLForConditionalGeneration, lean Weights or None), float32, eager attention."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from export.__main__ import LEAN
+    from export.lean import shell
+    from export.load import CheckpointError, read_config
+    from export.safetensors_io import shard_files
+
+    read_config(src)
+    if memory == LEAN and shard_files(src):
+        return shell(src)
+    try:
+        model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            src, dtype=torch.float32, attn_implementation="eager", local_files_only=True,
+            trust_remote_code=False, weights_only=True, output_loading_info=True,
+        )  # fmt: skip
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(
+            f"cannot load weights from {src} ({e}); pass a complete checkpoint"
+        ) from e
+    if missing := info.get("missing_keys"):
+        raise CheckpointError(f"{src} lacks {len(missing)} weights (e.g. {missing[0]})")
+    return model.eval(), None
+
+
+def prompt_section(src: Path, image_token: str) -> dict:
+    """One user turn with the image in the checkpoint's chat template (chat_template.json, else
+    the tokenizer's), rendered by transformers as Qwen2_5_VLProcessor.apply_chat_template does."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from export.load import CheckpointError
+    from export.manifest import PROMPT_MARKER
+
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+    chat_file = src / "chat_template.json"
+    chat = json.loads(chat_file.read_text())["chat_template"] if chat_file.is_file() else None
+    chat = chat or tok.chat_template
+    if not chat:
+        raise CheckpointError(f"{src} has no chat template (chat_template.json); copy it over")
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "@@"}]}]
+    text = tok.apply_chat_template(turn, chat_template=chat, tokenize=False,
+                                   add_generation_prompt=True)  # fmt: skip
+    if text.count(image_token) != 1:
+        raise CheckpointError(f"{src}'s chat template does not place {image_token!r} once")
+    return {
+        C.PR_TEMPLATE: text.replace("@@", PROMPT_MARKER),
+        C.PR_MARKER: PROMPT_MARKER,
+        C.PR_IMAGE: image_token,
+        C.PR_CHAT: chat,
+    }
+
+
+def vision_section(model, processor, fixed: tuple[int, int] | None) -> dict:
+    """The preprocessing facts (runtime/preprocess_qwen.py) and the tower's."""
+    from export.processor import ImageProcessorError
+    from runtime.preprocess_qwen import vision_from_processor
+
+    try:
+        facts = vision_from_processor(processor.to_dict())
+    except ValueError as e:
+        raise ImageProcessorError(str(e)) from e
+    facts[C.V_FIXED_SIZE] = list(fixed) if fixed else None
+    facts[C.V_TOWER] = model.config.vision_config.model_type
+    return facts
+
+
+def samples(processor, vision: dict, photos: list[Path], min_tokens: int) -> tuple[list, dict]:
+    """The graph's validation inputs, and the preprocessing figures: each photo at its own size
+    and at EXTRA_SIZES through runtime.preprocess_qwen, which must equal the checkpoint's
+    processor bit for bit (or ExportValidationError). A fixed-size graph: its size only."""
+    from export.photos import synthetic_photo
+    from export.vision import ExportValidationError
+    from runtime.preprocess import load_image
+    from runtime.preprocess_qwen import preprocess_qwen
+
+    images = [load_image(p) for p in photos] or [synthetic_photo()]
+    images += [images[0].resize(size) for size in EXTRA_SIZES]
+    out, worst = [], 0.0
+    for i, image in enumerate(images):
+        ours = preprocess_qwen(image, vision, min_tokens)
+        if not vision[C.V_FIXED_SIZE]:
+            ref = processor(images=[image], return_tensors="np")
+            px, grid = ref["pixel_values"].astype(np.float32), ref["image_grid_thw"]
+            same = px.shape == ours[0].shape and np.array_equal(grid, ours[1])
+            diff = float(np.abs(px - ours[0]).max()) if same else float("inf")
+            if diff != 0.0 and grid.prod() // 4 >= min_tokens:  # raised floor: not comparable
+                raise ExportValidationError(
+                    "runtime preprocessing differs from the checkpoint's "
+                    f"{type(processor).__name__} on validation image {i} "
+                    f"({image.width}x{image.height}): max |diff| {diff}"
+                )
+        out.append(ours)
+    return out, {C.VAL_PREPROCESS: worst, C.VAL_PREPROCESS_IMAGES: len(images)}
+
+
+def main_qwen(args: argparse.Namespace) -> Path:
+    """Export one Qwen2.5-VL bundle (python -m export's options); returns its folder."""
+    from dataclasses import asdict
+
+    from export.__main__ import (
+        FULL,
+        LEAN,
+        SHARED_IMAGES,
+        bundle_path,
+        check_decoder,
+        done,
+        loaded,
+        parity_target,
+        resolve_rank,
+        step,
+    )
+    from export.bundle import atomic_dir, copy_side_files, package_versions, write_manifest
+    from export.lean import mmap_big_allocations
+    from export.load import checkpoint, load_image_processor
+    from export.manifest import PRUNING_KEYS, graphs_section, text_facts
+    from export.qwen_decoder import export_qwen_decoder, qwen_causal_lm, qwen_decoder_refs
+    from export.qwen_vision import export_qwen_vision, qwen_vision_refs, validate_qwen_vision
+    from export.text_graphs import embed_parity, embed_refs, export_embed
+    from export.vision import OPSET
+    from svdprune_onnx import qwen_vision as QV
+    from svdprune_onnx.select import NONE, PruneConfig, PruneError
+
+    if args.dtype != C.DTYPE_FP32 or args.batch:
+        raise PruneError(
+            "a Qwen2.5-VL bundle is exported in fp32 with one image per vision call: drop "
+            "--dtype / --batch (fix the resolution for TensorRT with --image-size HxW)"
+        )
+    mmap_big_allocations()  # a released graph's weights leave the process (export/lean.py)
+    steps = 5
+    t = step(1, steps, "loading checkpoint")
+    src = checkpoint(args.model, args.preset, C.FAMILY_QWEN25VL)
+    out = bundle_path(args, src)
+    model, weights = load_qwen(src, args.export_memory)
+    processor = load_image_processor(src)
+    fixed = args.image_size
+    n = QV.token_count(model, fixed)
+    k = n if args.method == NONE else args.k
+    prune = PruneConfig(
+        k=k, n=n, method=args.method, rank=resolve_rank(args.rank, k), iterations=args.iters,
+        center=args.center == "on", oversample=args.oversample, scored_features=args.score,
+        seed=args.seed,
+    )  # fmt: skip
+    module = QV.PrunedQwenVision(model, prune, site=args.score_site, fixed_size=fixed).eval()
+    vision = vision_section(model, processor, fixed)
+    photos = args.image or sorted(SHARED_IMAGES.glob("*"))
+    inputs, pixel_check = samples(processor, vision, photos, module.min_tokens)
+    lm = qwen_causal_lm(model)
+    image_token = processor_token(src, model.config.image_token_id)
+    prompt = prompt_section(src, image_token)
+    done(t, f"{src} | {'N per image' if not fixed else f'N={n}'} -> "
+            f"{'all' if prune.method == NONE else f'K={prune.k}'} | {prune.method} "
+            f"r={prune.rank} at {args.score_site}")  # fmt: skip
+
+    with atomic_dir(out) as tmp:
+        (tmp / C.ONNX_DIR).mkdir()
+        t = step(2, steps, f"{C.VISION_ONNX}: export + parity on real photos at their own size")
+        export_qwen_vision(module, tmp / C.VISION_ONNX, weights)
+        with loaded(weights, module):
+            refs = qwen_vision_refs(module, inputs)
+        report = validate_qwen_vision(tmp / C.VISION_ONNX, module, inputs, refs)
+        report.update(pixel_check)
+        sel = report[C.VAL_SELECTION]
+        rel = report[C.VAL_FEATURES_REL]
+        done(t, f"kept_indices agreement {sel['agreement_min']:.3f}, leverage mass "
+                f"{sel['mass_min']:.4f}, features rel. diff {rel:.1e}")  # fmt: skip
+
+        t = step(3, steps, f"{C.EMBED_ONNX}: export + parity")
+        export_embed(lm, tmp / C.EMBED_ONNX, OPSET, weights)
+        with loaded(weights, lm.get_input_embeddings()):
+            report["embed_tokens_max_abs_diff"] = embed_parity(tmp / C.EMBED_ONNX, embed_refs(lm))
+        done(t, "identical embeddings")
+
+        t = step(4, steps, f"{C.DECODER_ONNX}: export (torch, 3-row positions) + parity")
+
+        def export_fn(lm, path: Path, weights=None) -> None:  # parity_target's signature
+            export_qwen_decoder(lm, path, OPSET, weights)
+
+        check = parity_target(src, lm, weights, tmp, export_fn, qwen_causal_lm)
+        export_fn(lm, tmp / C.DECODER_ONNX, weights)
+        worst = check_decoder(check, lm, weights, tmp / C.DECODER_ONNX, model, qwen_decoder_refs)
+        if check:
+            import shutil
+
+            shutil.rmtree(check[2].parent)
+        report[C.VAL_DECODER_REL], report["decoder_max_abs_diff"] = worst["rel"], worst["abs"]
+        report["decoder_parity_layers"] = worst["layers"]
+        done(t, f"prefill + 3 steps, batch 1/2, rel. diff {worst['rel']:.1e} of each scale")
+
+        step(5, steps, f"writing bundle {out}")
+        copy_side_files(src, tmp)
+        pruning = asdict(prune)
+        manifest = {
+            C.KEY_SCHEMA: C.SCHEMA_VERSION,
+            C.KEY_MODEL: {"family": model.config.model_type, "source": str(src), "name": src.name},
+            C.KEY_PRUNING: {key: pruning[name] for name, key in PRUNING_KEYS.items()}
+            | {
+                C.P_POSITIONS: args.positions,
+                C.P_SCORE_SITE: args.score_site,
+                C.P_SITE_CHOICE: QV.SITE_CHOICE,
+                C.P_MIN_TOKENS: module.min_tokens,
+                C.P_N_MAX: module.n_max,
+            },
+            C.KEY_VISION: vision,
+            C.KEY_TEXT: {
+                C.T_IMAGE_TOKEN_ID: int(model.config.image_token_id),
+                C.T_IMAGE_TOKENS: None if prune.method == NONE else prune.k,
+                **text_facts(model),
+            },
+            C.KEY_VALIDATION: report,
+            C.KEY_DTYPE: C.DTYPE_FP32,
+            C.KEY_GRAPHS: graphs_section(tmp, {g: C.DTYPE_FP32 for g in C.GRAPH_FILES}),
+            C.KEY_PROMPT: prompt,
+            C.KEY_EXPORTER: {
+                "packages": package_versions(),
+                "opset": OPSET,
+                "vision_exporter": "torchscript",
+                "decoder_exporter": "torch",
+                "export_memory": LEAN if weights is not None else FULL,
+            },
+        }
+        write_manifest(tmp, manifest)
+    kept = "all" if prune.method == NONE else f"K={prune.k}"
+    print(f"\nbundle: {out}\n{kept} per image ({prune.method}, scored at {args.score_site}); "
+          f"rel. diff vs PyTorch: vision {report[C.VAL_FEATURES_REL]:.1e}, decoder "
+          f"{report[C.VAL_DECODER_REL]:.1e}")  # fmt: skip
+    return out
+
+
+def processor_token(src: Path, token_id: int) -> str:
+    """The image placeholder's text (<|image_pad|>) from the checkpoint's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+    return tok.convert_ids_to_tokens(int(token_id))
