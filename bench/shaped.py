@@ -1,6 +1,8 @@
 """Checkpoints with a real model's shapes and random weights, written tensor by tensor.
 
     python -m bench.shaped llava-1.5-7b      -> build/models/llava-1.5-7b-shaped (~14 GB fp16)
+    python -m bench.shaped qwen2.5-vl-3b     -> build/models/qwen2.5-vl-3b-shaped (~7 GB fp16;
+                                                also `--family qwen2.5-vl --preset medium`)
 
 For export dry runs at a size no built-in preset reaches (bench/export_memory.py --shape): the
 model is never materialised (its parameters are listed on the meta device), every tensor is drawn,
@@ -37,7 +39,18 @@ SHAPES = {
                  "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
                  "head_dim": 128, "tie_word_embeddings": False},
     },
+    # Qwen2.5-VL-3B-Instruct: 32 tower blocks of 1280 (full attention in 7, 15, 23, 31), 36
+    # decoder layers of 2048 (2 KV heads), tied embeddings, the real 151,936-token vocabulary.
+    "qwen2.5-vl-3b": {
+        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                   "out_hidden_size": 2048, "fullatt_block_indexes": [7, 15, 23, 31]},
+        "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                 "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+                 "tie_word_embeddings": True,
+                 "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}},
+    },
 }  # fmt: skip
+QWEN = ("qwen2.5-vl-3b",)
 
 
 def _draw(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -52,19 +65,21 @@ def _draw(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.nda
 def build(shape: str, models: Path = MODELS, seed: int = 0) -> Path:
     """The `shape` checkpoint folder under `models`, built first if missing (atomically)."""
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from export.safetensors_io import INDEX_FILE, write_shard
     from svdprune_onnx.tiny import ensure_tiny_llava
+    from svdprune_onnx.tiny_qwen import ensure_tiny_qwen25vl
 
     out = models / f"{shape}-shaped"
     if (out / INDEX_FILE).is_file():
         return out
-    tiny = ensure_tiny_llava(models)
+    tiny = ensure_tiny_qwen25vl(models) if shape in QWEN else ensure_tiny_llava(models)
     cfg = json.loads((tiny / C.HF_CONFIG).read_text())
     cfg["vision_config"].update(SHAPES[shape]["vision"])
     cfg["text_config"].update(SHAPES[shape]["text"])
-    cfg["tie_word_embeddings"] = False
+    cfg["text_config"].pop("layer_types", None)  # one per tiny layer: rebuilt for the new depth
+    cfg["tie_word_embeddings"] = SHAPES[shape]["text"]["tie_word_embeddings"]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=models))
     try:
         for name in C.HF_SIDE_FILES:  # tokenizer, processor, chat template, generation config
@@ -72,7 +87,7 @@ def build(shape: str, models: Path = MODELS, seed: int = 0) -> Path:
                 shutil.copy2(tiny / name, tmp / name)
         (tmp / C.HF_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         with torch.device("meta"):
-            model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(tmp))
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tmp))
         params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
         count = sum(int(np.prod(dims)) for _, dims in params)
         print(f"{shape}: {count / 1e9:.2f} B parameters, {2 * count / 2**30:.1f} GiB in fp16")

@@ -63,6 +63,11 @@ def checkpoint(model: Path | None, preset: str = "tiny", family: str | None = No
     the tiny Qwen2.5-VL, or medium (Qwen2.5-VL-3B shapes)."""
     if model is not None:
         return Path(model).resolve()
+    if family == C.FAMILY_QWEN25VL and preset == "medium":
+        # 3.8 B random parameters: written tensor by tensor (the model never exists in memory)
+        from bench.shaped import build
+
+        return build("qwen2.5-vl-3b", MODELS).resolve()
     if family == C.FAMILY_QWEN25VL:
         from svdprune_onnx.tiny_qwen import ensure_tiny_qwen25vl
 

@@ -21,9 +21,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from runtime import contract as C
+from runtime import qwen_images
 from runtime.bundle import BundleError, load_manifest
 from runtime.generator import Generator
-from runtime.preprocess import ImageError
+from runtime.preprocess import ImageError, preprocess_batch
 from runtime.session import GRAPH_ROLES, SessionConfig, bundle_providers, device_of, open_session
 
 # Pipeline.generate's stages before the first token (Result.timings_ms keys); TTFT adds preprocess.
@@ -78,17 +79,26 @@ def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> np.ndarra
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
 
-def prompt_ids(tokenizer: Tokenizer, manifest: dict, prompt: str) -> list[int]:
-    """The user's text in the bundle's template (manifest `prompt`), with exactly K image tokens.
+def prompt_ids(
+    tokenizer: Tokenizer, manifest: dict, prompt: str, k: int | None = None
+) -> list[int]:
+    """The user's text in the bundle's template (manifest `prompt`), with exactly K image tokens
+    (`k`: the image's own count, for an unpruned Qwen2.5-VL bundle's images).
     Needs no session: other runners of a bundle (examples/ortgenai/) feed the same ids."""
     p = manifest[C.KEY_PROMPT]
-    return encode_with_image(tokenizer, manifest, p[C.PR_TEMPLATE].replace(p[C.PR_MARKER], prompt))
+    text = p[C.PR_TEMPLATE].replace(p[C.PR_MARKER], prompt)
+    return encode_with_image(tokenizer, manifest, text, k)
 
 
-def encode_with_image(tokenizer: Tokenizer, manifest: dict, text: str) -> list[int]:
-    """`text` holding the image placeholder once -> ids with it expanded to exactly K tokens."""
+def encode_with_image(
+    tokenizer: Tokenizer, manifest: dict, text: str, k: int | None = None
+) -> list[int]:
+    """`text` holding the image placeholder once -> ids with it expanded to exactly K (`k`)
+    tokens."""
     image, text_cfg = manifest[C.KEY_PROMPT][C.PR_IMAGE], manifest[C.KEY_TEXT]
-    k = text_cfg[C.T_IMAGE_TOKENS]
+    k = k or text_cfg[C.T_IMAGE_TOKENS]
+    if k is None:
+        raise PromptError("this bundle keeps every image token: pass the image's count")
     if text.count(image) != 1:
         raise PromptError(f"the prompt must contain the image placeholder {image!r} once")
     ids = tokenizer.encode(text.replace(image, image * k)).ids
@@ -120,7 +130,9 @@ class Pipeline:
         # --batch at export fixes the vision graph's batch (TensorRT); None: dynamic
         self.static_batch = self.m.get(C.KEY_VISION, {}).get(C.V_STATIC_BATCH)
         self.device = device_of(self.decoder)
-        self.k = self.text[C.T_IMAGE_TOKENS]
+        self.k = self.text[C.T_IMAGE_TOKENS]  # None: an unpruned Qwen2.5-VL bundle (N varies)
+        self.qwen = qwen_images.is_qwen(self.m)  # one image per vision call, 3-row positions
+        self.position_rows = C.MROPE_ROWS if self.qwen else 1
 
     def sessions(self) -> tuple:
         """(vision, embed, decoder) sessions, in C.GRAPH_FILES order."""
@@ -132,15 +144,37 @@ class Pipeline:
         self.vision = open_session(self.bundle / C.VISION_ONNX, cfg, chain)
 
     # --- prompt ----------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """The user's text in the bundle's template, with exactly K image tokens."""
-        return prompt_ids(self.tokenizer, self.m, prompt)
+    def prompt_ids(self, prompt: str, k: int | None = None) -> list[int]:
+        """The user's text in the bundle's template, with exactly K (`k`) image tokens."""
+        return prompt_ids(self.tokenizer, self.m, prompt, k)
 
-    def encode_with_image(self, text: str) -> list[int]:
-        return encode_with_image(self.tokenizer, self.m, text)
+    def encode_with_image(self, text: str, k: int | None = None) -> list[int]:
+        return encode_with_image(self.tokenizer, self.m, text, k)
 
-    def positions(self, ids: np.ndarray, mask: np.ndarray, kept: np.ndarray) -> np.ndarray:
-        """(B, S) position ids: compact, or kept image tokens at their original slots."""
+    # --- images ----------------------------------------------------------------------------
+    def preprocess(self, images: list) -> np.ndarray | list:
+        """PIL images -> the vision graph's inputs: (B, 3, H, W) pixels (LLaVA), or one
+        (pixel_values, image_grid_thw) per image at its own size (Qwen2.5-VL)."""
+        if self.qwen:
+            return qwen_images.preprocess(images, self.m)
+        return preprocess_batch(images, self.m[C.KEY_VISION])
+
+    def image_tokens(self, pixels) -> list[int]:
+        """Image tokens each row's prompt holds: K (or each image's N, unpruned Qwen)."""
+        return qwen_images.image_tokens(pixels, self.m) if self.qwen else [self.k] * len(pixels)
+
+    def image_counts(self, image) -> list[int]:
+        """Image tokens per row of a vision output (run_vision's)."""
+        return [int(c) for c in image.counts] if self.qwen else [self.k] * len(image[1])
+
+    def positions(self, ids: np.ndarray, mask: np.ndarray, image) -> np.ndarray:
+        """(rows, B, S) position ids of new tokens from 0: LLaVA (1, B, S) compact, or kept image
+        tokens at their original slots; Qwen2.5-VL (3, B, S) M-RoPE rows."""
+        if self.qwen:
+            return qwen_images.positions(self.m, ids, mask, image)
+        return self._llava_positions(ids, mask, image[1])[None]
+
+    def _llava_positions(self, ids: np.ndarray, mask: np.ndarray, kept: np.ndarray) -> np.ndarray:
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         if self.m[C.KEY_PRUNING].get(C.P_POSITIONS) != C.POSITIONS_ORIGINAL:
             return pos
@@ -168,10 +202,10 @@ class Pipeline:
         t0 = time.perf_counter()
         if vision_out is None:
             vision_out = self.run_vision(pixels)
-        feats, kept = vision_out  # (B,K,D), (B,K)
+        kept = vision_out[1]  # (B, K)
         t_vision = time.perf_counter()
         gen = Generator(self, s, len(prompts))
-        gen.append_tokens(prompts, image=(feats, kept))  # embed + scatter + positions + prefill
+        gen.append_tokens(prompts, image=vision_out)  # embed + scatter + positions + prefill
         embed_s = gen.embed_s
         results = [Result(prompt_token_ids=gen.sequence(b)) for b in range(len(prompts))]
         first_logits, t_first, in_graph_first = None, None, 0.0
@@ -185,9 +219,10 @@ class Pipeline:
                 for b in np.nonzero(live)[0]:
                     on_token(int(b), int(tokens[b]))
         t_end = time.perf_counter()
+        counts = self.image_counts(vision_out)
         for b, r in enumerate(results):
             r.token_ids = gen.new_tokens[b]
-            r.kept_indices = [int(i) for i in kept[b]]
+            r.kept_indices = [int(i) for i in kept[b][: counts[b]]]
             r.first_logits = first_logits[b]
             r.text = gen.text(b)
             r.timings_ms = {
@@ -199,8 +234,11 @@ class Pipeline:
             }
         return results
 
-    def run_vision(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(image_features (B,K,D), kept_indices (B,K)) from pixel_values (B,3,H,W)."""
+    def run_vision(self, pixels):
+        """(image_features (B,K,D), kept_indices (B,K)) from pixel_values (B,3,H,W); Qwen2.5-VL:
+        a QwenImages from preprocess()'s list (one vision call per image)."""
+        if self.qwen:
+            return qwen_images.run_vision(self.vision, pixels, self.m)
         if self.static_batch is not None and len(pixels) != self.static_batch:
             raise ImageError(
                 f"{self.bundle.name}'s vision graph has a static batch of {self.static_batch} "

@@ -8,7 +8,8 @@
     gen.append_tokens([[...next turn...]])                # prefill on top of the cache
 
 The sequence is a (B, L) grid of token ids, left-padded: `mask` marks real tokens, `positions`
-holds every column's position id (compact, or the kept image tokens at their original slots).
+(R, B, L) holds every column's position ids (LLaVA R = 1: compact, or the kept image tokens at
+their original slots; Qwen2.5-VL R = 3: the M-RoPE rows t, h, w).
 The first `computed` columns are in the KV cache; the rest (at most the last generated token, or
 what a rewind re-exposes) are fed by the next decoder run. The KV cache never leaves the
 decoder's device: presents come back as OrtValues through IOBinding and are bound as the next
@@ -77,7 +78,7 @@ class Generator:
         t, b = self.pipe.text, self.batch
         self.ids = np.zeros((b, 0), np.int64)
         self.mask = np.zeros((b, 0), np.int64)
-        self.positions = np.zeros((b, 0), np.int64)
+        self.positions = np.zeros((self.pipe.position_rows, b, 0), np.int64)
         self.computed = 0  # columns in the KV cache
         self.logits: np.ndarray | None = None  # (B, V) at the last cached column
         self.features: np.ndarray | None = None  # (B, K, D) image features, scattered on embed
@@ -127,17 +128,20 @@ class Generator:
         for b, r in enumerate(rows):
             new[b, n - len(r) :], mask[b, n - len(r) :] = r, 1
         img = new == self.image_id
-        start = self.positions[:, -1] + 1 if self.length else np.zeros(self.batch, np.int64)
+        # each row continues after its largest position (M-RoPE: the rows differ in an image)
+        start = self.positions.max(axis=(0, 2)) + 1 if self.length else np.zeros(self.batch, int)
         if img.any():
             if image is None or self.features is not None:
                 raise self._PromptError("image tokens need image features, once per sequence")
-            if img.sum(axis=1).tolist() != [self.pipe.k] * self.batch:
-                raise self._PromptError(f"every row needs exactly {self.pipe.k} image tokens")
-            pos = self.pipe.positions(new, mask, image[1])  # compact, or the kept tokens' slots
+            counts = self.pipe.image_counts(image)
+            if img.sum(axis=1).tolist() != counts:
+                raise self._PromptError(f"the rows need exactly {counts} image tokens")
+            pos = self.pipe.positions(new, mask, image)  # (R, B, n) from 0
         else:
             pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        pos = pos + start[:, None]
-        last = pos[:, -1] if n else start - 1  # the last column holds each row's top position
+            pos = np.broadcast_to(pos, (self.pipe.position_rows, *pos.shape))
+        pos = pos + start[None, :, None]
+        last = pos.max(axis=(0, 2)) if n else start - 1  # each row's top position
         need = int(last.max()) + 1 + self.s.max_new_tokens
         max_pos = self.pipe.text[C.T_MAX_POS]
         if need > max_pos:
@@ -186,7 +190,8 @@ class Generator:
             self.new_tokens[b].append(int(tokens[b]))
             self.done[b] = int(tokens[b]) in self.eos
         ones = np.ones((self.batch, 1), np.int64)
-        self._extend(tokens[:, None], ones, self.positions[:, -1:] + 1)
+        nxt = self.positions.max(axis=(0, 2))[:, None] + 1  # (B, 1): after each row's top
+        self._extend(tokens[:, None], ones, np.broadcast_to(nxt, (len(self.positions), *nxt.shape)))
         return tokens
 
     def rewind(self, n_tokens: int) -> None:
@@ -195,7 +200,7 @@ class Generator:
         if n_tokens < 0 or keep < 1:
             raise ValueError(f"cannot rewind {n_tokens} of {self.length} tokens")
         self.ids, self.mask = self.ids[:, :keep], self.mask[:, :keep]
-        self.positions = self.positions[:, :keep]
+        self.positions = self.positions[:, :, :keep]
         if keep < self.computed:  # the next run re-feeds the last kept column if it must
             self._truncate(keep)
 
@@ -203,7 +208,7 @@ class Generator:
     def _extend(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> None:
         self.ids = np.concatenate([self.ids, ids], axis=1)
         self.mask = np.concatenate([self.mask, mask], axis=1)
-        self.positions = np.concatenate([self.positions, pos], axis=1)
+        self.positions = np.concatenate([self.positions, pos], axis=2)
 
     def _advance(self) -> int:
         """Run the decoder over the uncomputed columns; returns how many it processed."""
@@ -238,7 +243,8 @@ class Generator:
         b = self.binding
         b.bind_cpu_input(C.INPUTS_EMBEDS, np.ascontiguousarray(embeds))
         b.bind_cpu_input(C.ATTENTION_MASK, np.ascontiguousarray(self.mask))
-        b.bind_cpu_input(C.POSITION_IDS, np.ascontiguousarray(self.positions[:, self.computed :]))
+        pos = self.positions[:, :, self.computed :]  # (R, B, n): LLaVA's graph takes (B, n)
+        b.bind_cpu_input(C.POSITION_IDS, np.ascontiguousarray(pos if self.pipe.qwen else pos[0]))
         for name in self.out_names:
             b.bind_output(name, self.pipe.device)
         self.pipe.decoder.run_with_iobinding(b)

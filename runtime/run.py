@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.bundle import BundleError, load_manifest
 from runtime.generate import TTFT_STAGES, Pipeline, PromptError, Sampling
-from runtime.preprocess import ImageError, load_image, preprocess_batch
+from runtime.preprocess import ImageError, load_image
 from runtime.selftest import SelfTestError, ensure_selftest
 from runtime.session import OPT_LEVELS, PROVIDER_CHOICES, ProviderError, SessionConfig
 
@@ -132,17 +132,16 @@ def main(args: argparse.Namespace) -> int:
     if not args.image:
         raise ImageError("no image given; pass one or more -i PATH (or --jsonl FILE)")
     # 2. images -> pixel_values (B,3,H,W), exactly as the checkpoint's processor would
+    #    (Qwen2.5-VL: one (pixel_values, image_grid_thw) per image, each at its own size)
     t1 = time.perf_counter()
-    pixels = preprocess_batch([load_image(p) for p in args.image], pipe.m["vision"])
+    pixels = pipe.preprocess([load_image(p) for p in args.image])
     preprocess_ms = (time.perf_counter() - t1) * 1e3
     if args.prompt is None and not args.jsonl:
         return chat(pipe, pixels[:1], sampling, args.json, args.timings, preprocess_ms)
     # 3. prompt -> ids with K image tokens (one -p for every image, or one per --jsonl row)
-    prompts = (
-        [pipe.prompt_ids(t) for t in texts]
-        if args.jsonl
-        else [pipe.prompt_ids(args.prompt)] * len(pixels)
-    )
+    texts = texts if args.jsonl else [args.prompt] * len(pixels)
+    counts = pipe.image_tokens(pixels)  # K per image (an unpruned Qwen bundle: each image's N)
+    prompts = [pipe.prompt_ids(t, k) for t, k in zip(texts, counts, strict=True)]
     # 4. vision + prefill + decode, streaming tokens as they come
     stream = StreamPrinter(pipe) if not args.json and len(pixels) == 1 else None
     results = pipe.generate(pixels, prompts, sampling, stream)
@@ -253,7 +252,7 @@ def chat(
             break
         messages.append({"role": "user", "text": question})
         t_turn = time.perf_counter()
-        ids = pipe.encode_with_image(render(pipe, messages))
+        ids = pipe.encode_with_image(render(pipe, messages), pipe.image_counts(image)[0])
         t_prompt = time.perf_counter()
         embed_s = gen.embed_s
         prefilled = gen.resume(ids, image)
