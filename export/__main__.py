@@ -65,7 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "medium (CLIP ViT-L/14-336 + Qwen2-0.5B shapes, real compute)",
     )
     ap.add_argument("--k", type=int, default=16, help="vision tokens kept per image (default 16)")
-    ap.add_argument("--method", choices=METHODS, default=d.method, help=f"default {d.method}")
+    ap.add_argument(
+        "--method",
+        choices=METHODS,
+        help=f"default {d.method} for LLaVA; gram for Qwen2.5-VL (its N reaches thousands: "
+        "svdprune_onnx/qwen_vision.py DEFAULT_METHOD)",
+    )
     ap.add_argument(
         "--rank", help=f"leverage rank r, or 'k' (default {d.rank}, clamped to K when K is smaller)"
     )
@@ -84,8 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--positions",
         choices=C.POSITIONS_CHOICES,
-        default=C.POSITIONS_COMPACT,
-        help="position ids of kept image tokens: compact (0..S-1) or their original slots",
+        help="position ids of kept image tokens: compact (0..S-1) or their original slots "
+        "(default: compact for LLaVA, original for Qwen2.5-VL: each family's closer to the "
+        "unpruned model in `make eval`)",
     )
     ap.add_argument("-i", "--image", type=Path, action="append", help="validation image(s)")
     ap.add_argument(
@@ -223,6 +229,7 @@ def main(args: argparse.Namespace) -> Path:
     from svdprune_onnx.text import causal_lm
     from svdprune_onnx.vision import PrunedVision, vision_token_count
 
+    args.method = args.method or PruneConfig.method  # LLaVA's default (make bench-fidelity)
     if args.method == EXACT:  # refuse before minutes of loading, not at trace time
         raise PruneError(
             "method 'exact' is the float64 SVD reference (bench and eval only): ONNX has no SVD, "
@@ -324,7 +331,7 @@ def main(args: argparse.Namespace) -> Path:
         step(steps, steps, f"writing bundle {out}")
         copy_side_files(src, tmp)
         manifest = build_manifest(model, processor, prune, src, report)
-        manifest[C.KEY_PRUNING][C.P_POSITIONS] = args.positions
+        manifest[C.KEY_PRUNING][C.P_POSITIONS] = args.positions or C.POSITIONS_COMPACT
         manifest[C.KEY_VISION][C.V_STATIC_BATCH] = args.batch
         manifest[C.KEY_DTYPE] = args.dtype
         manifest[C.KEY_GRAPHS] = graphs_section(tmp, plan)

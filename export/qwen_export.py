@@ -25,6 +25,9 @@ from runtime import contract as C
 # Validation sizes besides each photo's own: (W, H) PIL resizes of the first photo (448x448 is
 # the square TensorRT size; 644x476 the smart-resize of 640x480 with rows not a power of two).
 EXTRA_SIZES = ((448, 448),)
+# Kept tokens at their original (t, h, w), text after the image from the unpruned max + 1: the
+# rotary phases of the unpruned prompt (measured closer to the unpruned model: README, eval).
+DEFAULT_POSITIONS = C.POSITIONS_ORIGINAL
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -162,6 +165,8 @@ def main_qwen(args: argparse.Namespace) -> Path:
     from svdprune_onnx import qwen_vision as QV
     from svdprune_onnx.select import NONE, PruneConfig, PruneError
 
+    if args.method == "exact":
+        raise PruneError("method 'exact' is the float64 SVD reference; ONNX has no SVD: use gram")
     if args.dtype != C.DTYPE_FP32 or args.batch:
         raise PruneError(
             "a Qwen2.5-VL bundle is exported in fp32 with one image per vision call: drop "
@@ -176,6 +181,7 @@ def main_qwen(args: argparse.Namespace) -> Path:
     processor = load_image_processor(src)
     fixed = args.image_size
     n = QV.token_count(model, fixed)
+    args.method = args.method or QV.DEFAULT_METHOD
     k = n if args.method == NONE else args.k
     prune = PruneConfig(
         k=k, n=n, method=args.method, rank=resolve_rank(args.rank, k), iterations=args.iters,
@@ -236,7 +242,7 @@ def main_qwen(args: argparse.Namespace) -> Path:
             C.KEY_MODEL: {"family": model.config.model_type, "source": str(src), "name": src.name},
             C.KEY_PRUNING: {key: pruning[name] for name, key in PRUNING_KEYS.items()}
             | {
-                C.P_POSITIONS: args.positions,
+                C.P_POSITIONS: args.positions or DEFAULT_POSITIONS,
                 C.P_SCORE_SITE: args.score_site,
                 C.P_SITE_CHOICE: QV.SITE_CHOICE,
                 C.P_MIN_TOKENS: module.min_tokens,

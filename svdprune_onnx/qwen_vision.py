@@ -5,24 +5,25 @@ One image at its own resolution in, K merged tokens out:
     pixel_values (P, C*T*ps*ps), image_grid_thw (1, 3) = (1, h, w): P = h*w patches, rows in
     (h/2, w/2, 2, 2) order, so rows 4j..4j+3 are merged token j
       ├─ positions(grid) ─► per patch (row, col) ─► rotary cos/sin (P, hd)
-      │                   └─ window id ─► mask (P, P) bool "same window"
-      └─ patch_embed (Conv3d = MatMul) ─► blocks (masked window attention; full in fullatt ones)
+      ├─ window_slots(grid) ─► gather (W*64,), valid (W, 64), back (P,)
+      └─ patch_embed (Conv3d = MatMul) ─► blocks (attention inside 64-slot windows; per-head
+                                          full attention in the fullatt blocks)
            └─ merger.ln_q ─► z (N, 4d): the 2x2 patches the merger concatenates, N = P/4
                 └─ merger MLP ─► (N, D_text) ─► leverage (N,) ─► select_tokens(K, morton_rank)
                      └─ Gather K rows ─► image_features (K, D_text), kept_indices (K,) int64
     (site merger_input / patches: z / ln_q'd patches are scored, the MLP runs on the K rows)
 
 Dynamic resolution without Loop/If: transformers computes the window order, cu_seqlens and the
-rotary position ids in Python from grid_thw. Here they are arithmetic on arange(P) and the grid's
-(h, w) inside the graph (Range, Div, Mod, Equal): window attention over the window-sorted
-sequence equals attention in the original order under a block-diagonal "same window" mask, and
-every other op is per token, so nothing is ever permuted. Cost: the mask is one (P, P) bool
-(P^2 bytes: 1 MiB at 448x448, P = 1024; 2.3 MiB at 644x476; 16 MiB at 896x896), and each window
-block computes dense (heads, P, P) scores instead of P/64 windows of 64 x 64: the peak memory of
-the full-attention blocks, which need (heads, P, P) anyway (Qwen2.5-VL-3B: 16 heads x 4 P^2
-bytes = 64 MiB at P = 1024, 1 GiB at P = 4096), at P/64 times the window blocks' attention flops
-(3B tower: ~11 % more flops than windowed attention at P = 1024, ~43 % at P = 4096). A fixed-size
-graph holds these tables as constants (the mask: P^2 bytes). Still images only (t = 1).
+rotary position ids in Python from grid_thw. Here they are arithmetic on arange and the grid's
+(h, w) inside the graph (Range, Div, Mod, Less): every window gets win^2 * merge^2 = 64 patch
+slots (a partial window at the right or bottom edge pads its slots, as get_window_index pads
+the grid), q/k/v are gathered into (windows, heads, 64, hd), attention runs inside each window
+with padded keys masked, and the rows are gathered back (window_slots). The window blocks cost
+P x 64 scores, as transformers' per-window attention; the full-attention blocks compute one
+(P, P) score matrix per head in turn (P^2 x 4 bytes: 4 MiB at 448x448, P = 1024; 413 MiB at
+2 MP, P = 10168), never all heads' (heads, P, P) at once (6.6 GB for the 3B's 16 heads at 2 MP).
+Every other op is per token. A fixed-size graph holds the tables as constants. Still images
+only (t = 1).
 
 Scoring site (SCORE_SITE = "merged", measured by `python -m export.qwen_sites`: the
 three real photos at 448x448 and 640x480 (smart-resized to 644x476), rank 8, purify vs float64
@@ -80,6 +81,14 @@ SITE_CHOICE = {
     "why": "scores what the language model receives; its approximation was exact on every "
     "image; the smallest Gram; the merger on all N costs ~1.4 % of the tower",
 }
+
+# The leverage method a Qwen bundle gets unless --method says otherwise. purify (LLaVA's default,
+# N = 576) multiplies (N, N) matrices: O(N^3), 6.6 s at 2 MP (N = 2542) in PyTorch on 2 cores,
+# more than the tiny tower itself. gram works on the (D, D) Gram matrix: O(N D^2), 16 ms there.
+# Against float64 SVD on the merged features (tiny checkpoint, the 3 photos at their own size +
+# 1008x1008 + 2 MP, K = 16 / 64, r = 8): gram agreement >= 0.969, leverage mass >= 0.9992;
+# purify 1.000 / 1.0000; power >= 0.688 / 0.915 (`python -m bench.qwen_methods`).
+DEFAULT_METHOD = "gram"
 
 # A dynamic graph's token cap: Qwen2.5-VL's max_pixels 12845056 / 28^2. It sizes the fixed-seed
 # constants (power / gram start block, random scores) that the graph slices to each image's N.
@@ -209,10 +218,13 @@ class PrunedQwenVision(nn.Module):
         # A fixed-size graph gets its position tables as constants (TensorRT builds no index
         # arithmetic); a dynamic one computes the same tables from image_grid_thw.
         if self.fixed:
-            rot, window = self.positions(self.grid, torch.tensor(int(self.grid.prod())))
+            p = torch.tensor(int(self.grid.prod()))
+            rot = self.positions(self.grid, p)
+            gather, valid, back = self.window_slots(self.grid, p)
             rank = morton_rank(self.grid[0, 1] // self.merge, self.grid[0, 2] // self.merge, n)
-            for name, t in (("fixed_rot", rot), ("fixed_window", window), ("fixed_rank", rank)):
-                self.register_buffer(name, t, persistent=False)
+            tables = {"rot": rot, "gather": gather, "valid": valid, "back": back, "rank": rank}
+            for name, t in tables.items():
+                self.register_buffer(f"fixed_{name}", t, persistent=False)
 
     @property
     def min_tokens(self) -> int:
@@ -222,37 +234,76 @@ class PrunedQwenVision(nn.Module):
         r = self.prune.rank if self.prune.method in lev.LEVERAGE_METHODS else 1
         return max(self.prune.k, r)
 
-    def _ids(self, grid: torch.Tensor, p: torch.Tensor):
-        """Per patch (row, col) in patches and a window id, each (P,) int64 (see module doc)."""
+    def positions(self, grid: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Rotary angles (P, hd/2): transformers' rot_pos_emb(grid), from arithmetic on each
+        patch's (row, col) in patches (tests/test_qwen_vision.py)."""
         m = self.merge
-        w = grid[0, 2]
         j, sub = _arange(p) // (m * m), _arange(p) % (m * m)  # merged token, place in 2x2
-        gw = w // m
-        mh, mw = j // gw, j % gw  # (P,) merged row, column
-        window = (mh // self.win) * gw + mw // self.win  # unique: mw // win < gw
-        return mh * m + sub // m, mw * m + sub % m, window
-
-    def positions(self, grid: torch.Tensor, p: torch.Tensor):
-        """(rotary angles (P, hd/2), window id (P,)): transformers' rot_pos_emb(grid) and the
-        windows of its get_window_index(grid), from arithmetic (tests/test_qwen_vision.py)."""
-        row, col, window = self._ids(grid, p)
+        gw = grid[0, 2] // m
+        row, col = (j // gw) * m + sub // m, (j % gw) * m + sub % m
         inv_freq = self.visual.rotary_pos_emb.inv_freq  # (hd/4,)
-        rot = torch.cat([row[:, None].float() * inv_freq, col[:, None].float() * inv_freq], -1)
-        return rot, window
+        return torch.cat([row[:, None].float() * inv_freq, col[:, None].float() * inv_freq], -1)
 
-    def _block(self, blk: nn.Module, h: torch.Tensor, cos, sin, mask) -> torch.Tensor:
-        # One Qwen2_5_VLVisionBlock: (P, d) -> (P, d); mask (P, P) bool or None (full).
+    def window_slots(self, grid: torch.Tensor, p: torch.Tensor):
+        """Window attention as dense blocks: (gather (W*S,), valid (W, S) bool, back (P,)).
+
+        The merged grid is cut into win x win windows (the last row / column of windows may
+        be partial, as transformers' get_window_index pads them); each window has S = win^2 *
+        merge^2 patch slots. gather[slot] is the patch in that slot (0 where the slot is
+        padding, `valid` False); back[patch] is its slot. The block gathers q, k, v into
+        (W, heads, S, hd), attends within each window with padding keys masked, and gathers
+        the rows back: (P * S) scores instead of (P, P), nothing data-dependent but indices.
+        """
+        m, v = self.merge, self.win
+        gh, gw = grid[0, 1] // m, grid[0, 2] // m  # merged grid (0-d)
+        nww = (gw + v - 1) // v  # windows per row
+        per = v * v * m * m  # patch slots per window
+        slot = _arange((gh + v - 1) // v * nww * per)  # (W*S,)
+        w, q = slot // per, slot % per
+        u, sub = q // (m * m), q % (m * m)  # merged token in the window, patch in the 2x2
+        my, mx = (w // nww) * v + u // v, (w % nww) * v + u % v
+        valid = (my < gh) & (mx < gw)
+        gather = torch.where(valid, (my * gw + mx) * (m * m) + sub, torch.zeros_like(slot))
+        j, sub = _arange(p) // (m * m), _arange(p) % (m * m)  # (P,) merged token, 2x2 place
+        my, mx = j // gw, j % gw
+        back = ((my // v) * nww + mx // v) * per + ((my % v) * v + mx % v) * (m * m) + sub
+        return gather, valid.reshape(-1, per), back
+
+    def _block(self, blk: nn.Module, h: torch.Tensor, cos, sin, slots) -> torch.Tensor:
+        # One Qwen2_5_VLVisionBlock: (P, d) -> (P, d); slots: window_slots(), None = full.
         d = h.shape[1]
         qkv = blk.attn.qkv(blk.norm1(h)).reshape(-1, 3, self.heads, d // self.heads)
         qkv = qkv.permute(1, 0, 2, 3)  # (3, P, nh, hd)
         q, k = apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)  # (P, nh, hd) each
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), qkv[2].transpose(0, 1)  # (nh, P, hd)
-        s = (q @ k.transpose(1, 2)) * blk.attn.scaling  # (nh, P, P)
-        if mask is not None:
-            s = torch.where(mask, s, torch.tensor(float("-inf")))
-        a = (torch.softmax(s, dim=-1) @ v).transpose(0, 1).reshape(-1, d)  # (P, d)
-        h = h + blk.attn.proj(a)
+        v = qkv[2]
+        if slots is None:
+            a = self._full_attention(q, k, v, blk.attn.scaling)
+        else:
+            a = self._window_attention(q, k, v, blk.attn.scaling, slots)
+        h = h + blk.attn.proj(a.reshape(-1, d))
         return h + blk.mlp(blk.norm2(h))
+
+    def _full_attention(self, q, k, v, scaling: float) -> torch.Tensor:
+        # (P, nh, hd) each -> (P, nh, hd), one head at a time: a (P, P) score matrix per head
+        # (413 MB at 2 MP, P = 10168) instead of (nh, P, P) at once (6.6 GB for the 3B's 16).
+        out = []
+        for i in range(self.heads):
+            s = (q[:, i] @ k[:, i].T) * scaling  # (P, P)
+            out.append(torch.softmax(s, dim=-1) @ v[:, i])  # (P, hd)
+        return torch.stack(out, dim=1)
+
+    def _window_attention(self, q, k, v, scaling: float, slots) -> torch.Tensor:
+        # (P, nh, hd) each -> (P, nh, hd) with attention inside each window (window_slots)
+        gather, valid, back = slots
+        per = valid.shape[1]
+
+        def windows(x: torch.Tensor) -> torch.Tensor:  # (P, nh, hd) -> (W, nh, S, hd)
+            return x[gather].reshape(-1, per, self.heads, x.shape[-1]).transpose(1, 2)
+
+        s = (windows(q) @ windows(k).transpose(2, 3)) * scaling  # (W, nh, S, S)
+        s = torch.where(valid[:, None, None, :], s, torch.tensor(float("-inf")))
+        a = torch.softmax(s, dim=-1) @ windows(v)  # (W, nh, S, hd)
+        return a.transpose(1, 2).reshape(-1, self.heads, q.shape[-1])[back]  # (P, nh, hd)
 
     def merger_input(self, pixel_values: torch.Tensor, grid: torch.Tensor):
         """(tower output (P, d), z = ln_q'd 2x2 groups (N, 4 d))."""
@@ -262,14 +313,14 @@ class PrunedQwenVision(nn.Module):
         w = v.patch_embed.proj.weight  # (d, C, T, ps, ps): stride = kernel, so a MatMul
         h = F.linear(x, w.reshape(w.shape[0], -1))  # (P, C*T*ps*ps) -> (P, d)
         if self.fixed:
-            rot, window = self.fixed_rot, self.fixed_window
+            rot, slots = self.fixed_rot, (self.fixed_gather, self.fixed_valid, self.fixed_back)
         else:
-            rot, window = self.positions(grid, _count(x))  # (P, hd/2), (P,)
+            p = _count(x)
+            rot, slots = self.positions(grid, p), self.window_slots(grid, p)  # (P, hd/2)
         emb = torch.cat([rot, rot], dim=-1)  # (P, hd)
         cos, sin = emb.cos(), emb.sin()
-        mask = window[:, None] == window[None, :]  # (P, P) bool: same window
         for i, blk in enumerate(v.blocks):
-            h = self._block(blk, h, cos, sin, None if i in self.full_blocks else mask)
+            h = self._block(blk, h, cos, sin, None if i in self.full_blocks else slots)
         ln = v.merger.ln_q(h)  # (P, d)
         return ln, ln.reshape(-1, v.merger.hidden_size)  # (N, 4 d)
 

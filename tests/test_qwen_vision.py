@@ -85,14 +85,19 @@ def graphs(model, tmp_path_factory) -> dict:
 
 
 def test_positions_and_windows_match_transformers(model) -> None:
-    """The graph's rotary angles equal rot_pos_emb exactly, and its window ids partition the
-    patches as get_window_index / cu_window_seqlens do, on square, padded and tall grids."""
+    """The graph's rotary angles equal rot_pos_emb exactly, and its window slots group the
+    patches as get_window_index / cu_window_seqlens do, on square, padded and tall grids:
+    `back` inverts `gather`, every patch has one valid slot, windows are the same sets."""
     visual = model.model.visual
     module = _module(model, 4)
     for h, w in [(32, 32), (34, 46), (8, 10), (2, 2), (4, 62), (60, 6), (18, 18)]:
         grid = torch.tensor([[1, h, w]])
-        rot, window = module.positions(grid, torch.tensor(h * w))
+        rot = module.positions(grid, torch.tensor(h * w))
         assert torch.equal(rot, visual.rot_pos_emb(grid))
+        gather, valid, back = module.window_slots(grid, torch.tensor(h * w))
+        assert torch.equal(gather[back], torch.arange(h * w)) and int(valid.sum()) == h * w
+        assert bool(valid.reshape(-1)[back].all())
+        window = back // valid.shape[1]  # (P,) the window of each patch's slot
         index, cu = visual.get_window_index(grid)  # merged tokens in window order, bounds
         label = torch.empty(h * w // 4, dtype=torch.int64)
         bounds = torch.tensor(cu).unique_consecutive() // 4
