@@ -160,6 +160,18 @@ def resolve_rank(text: str | None, k: int) -> int:
     return int(text)
 
 
+def check_rank(prune) -> None:
+    """At most one leverage direction per kept token: PruneError otherwise (both families)."""
+    from svdprune_onnx.leverage import LEVERAGE_METHODS
+    from svdprune_onnx.select import PruneError
+
+    if prune.method in LEVERAGE_METHODS and prune.rank > prune.k:  # r directions for K tokens
+        raise PruneError(
+            f"rank must be in 1..K={prune.k} (at most one direction per kept token), got "
+            f"{prune.rank}; pass --rank k or a smaller --rank"
+        )
+
+
 def step(i: int, n: int, text: str) -> float:
     print(f"[{i}/{n}] {text}", flush=True)
     return time.perf_counter()
@@ -224,7 +236,7 @@ def main(args: argparse.Namespace) -> Path:
     from runtime.preprocess import preprocess_batch
     from runtime.selftest import reference_images, save_reference
     from runtime.session import SessionConfig
-    from svdprune_onnx.leverage import EXACT, LEVERAGE_METHODS
+    from svdprune_onnx.leverage import EXACT
     from svdprune_onnx.select import PruneConfig, PruneError
     from svdprune_onnx.text import causal_lm
     from svdprune_onnx.vision import PrunedVision, vision_token_count
@@ -258,11 +270,7 @@ def main(args: argparse.Namespace) -> Path:
         scored_features=args.score,
         seed=args.seed,
     )
-    if prune.method in LEVERAGE_METHODS and prune.rank > prune.k:  # r directions for K tokens
-        raise PruneError(
-            f"rank must be in 1..K={prune.k} (at most one direction per kept token), got "
-            f"{prune.rank}; pass --rank k or a smaller --rank"
-        )
+    check_rank(prune)
     module = PrunedVision(model, prune).eval()
     # Preprocessing: refuse processor options the runtime does not model, then require its
     # pixels to equal the checkpoint's own processor's on the validation photos (max |diff| 0).

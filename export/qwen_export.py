@@ -148,6 +148,7 @@ def main_qwen(args: argparse.Namespace) -> Path:
         SHARED_IMAGES,
         bundle_path,
         check_decoder,
+        check_rank,
         done,
         loaded,
         parity_target,
@@ -158,10 +159,15 @@ def main_qwen(args: argparse.Namespace) -> Path:
     from export.lean import mmap_big_allocations
     from export.load import checkpoint, load_image_processor
     from export.manifest import PRUNING_KEYS, graphs_section, text_facts
+    from export.photos import synthetic_photo
     from export.qwen_decoder import export_qwen_decoder, qwen_causal_lm, qwen_decoder_refs
     from export.qwen_vision import export_qwen_vision, qwen_vision_refs, validate_qwen_vision
     from export.text_graphs import embed_parity, embed_refs, export_embed
     from export.vision import OPSET
+    from runtime.generate import Pipeline
+    from runtime.preprocess_qwen import preprocess_qwen
+    from runtime.selftest import reference_images, save_reference
+    from runtime.session import SessionConfig
     from svdprune_onnx import qwen_vision as QV
     from svdprune_onnx.select import NONE, PruneConfig, PruneError
 
@@ -188,10 +194,14 @@ def main_qwen(args: argparse.Namespace) -> Path:
         center=args.center == "on", oversample=args.oversample, scored_features=args.score,
         seed=args.seed,
     )  # fmt: skip
+    check_rank(prune)
     module = QV.PrunedQwenVision(model, prune, site=args.score_site, fixed_size=fixed).eval()
     vision = vision_section(model, processor, fixed)
     photos = args.image or sorted(SHARED_IMAGES.glob("*"))
     inputs, pixel_check = samples(processor, vision, photos, module.min_tokens)
+    # the device self-test's photos, each at its own (thumbnail) size
+    small = reference_images(photos or [synthetic_photo()], 2)
+    selftest_px = [preprocess_qwen(im, vision, module.min_tokens) for im in small]
     lm = qwen_causal_lm(model)
     image_token = processor_token(src, model.config.image_token_id)
     prompt = prompt_section(src, image_token)
@@ -204,7 +214,8 @@ def main_qwen(args: argparse.Namespace) -> Path:
         t = step(2, steps, f"{C.VISION_ONNX}: export + parity on real photos at their own size")
         export_qwen_vision(module, tmp / C.VISION_ONNX, weights)
         with loaded(weights, module):
-            refs = qwen_vision_refs(module, inputs)
+            refs = qwen_vision_refs(module, inputs + selftest_px)
+        refs, selftest_refs = refs[: len(inputs)], refs[len(inputs) :]
         report = validate_qwen_vision(tmp / C.VISION_ONNX, module, inputs, refs)
         report.update(pixel_check)
         sel = report[C.VAL_SELECTION]
@@ -267,10 +278,29 @@ def main_qwen(args: argparse.Namespace) -> Path:
             },
         }
         write_manifest(tmp, manifest)
+        # The device self-test's reference: this bundle's own CPU run on real photos.
+        pipe = Pipeline(tmp, SessionConfig(provider="cpu", prepack=False), verify=False)
+        scores = _padded([r[2] for r in selftest_refs])
+
+        def selftest_scores(px: list) -> np.ndarray:  # a guard: the pixels scored above
+            if any(not np.array_equal(a[0], b[0]) for a, b in zip(px, selftest_px, strict=True)):
+                raise RuntimeError("self-test pixels differ from the ones scored at export")
+            return scores
+
+        manifest[C.KEY_SELFTEST] = save_reference(pipe, small, selftest_scores)
+        write_manifest(tmp, manifest, only=C.SELFTEST_FILE)
     kept = "all" if prune.method == NONE else f"K={prune.k}"
     print(f"\nbundle: {out}\n{kept} per image ({prune.method}, scored at {args.score_site}); "
           f"rel. diff vs PyTorch: vision {report[C.VAL_FEATURES_REL]:.1e}, decoder "
           f"{report[C.VAL_DECODER_REL]:.1e}")  # fmt: skip
+    return out
+
+
+def _padded(rows: list[np.ndarray]) -> np.ndarray:
+    """(B, N_max) float32 from rows of different lengths, zero-padded."""
+    out = np.zeros((len(rows), max(len(r) for r in rows)), np.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
     return out
 
 

@@ -163,6 +163,12 @@ class Pipeline:
         """Image tokens each row's prompt holds: K (or each image's N, unpruned Qwen)."""
         return qwen_images.image_tokens(pixels, self.m) if self.qwen else [self.k] * len(pixels)
 
+    def vision_row(self, image, i: int):
+        """Row `i` of a run_vision output, as a batch of one."""
+        if self.qwen:
+            return image.row(i)
+        return image[0][i : i + 1], image[1][i : i + 1]
+
     def image_counts(self, image) -> list[int]:
         """Image tokens per row of a vision output (run_vision's)."""
         return [int(c) for c in image.counts] if self.qwen else [self.k] * len(image[1])

@@ -41,6 +41,14 @@ class QwenImages:
     def __getitem__(self, i: int) -> np.ndarray:  # (features, kept) like LLaVA's pair
         return (self.features, self.kept)[i]
 
+    def row(self, i: int) -> QwenImages:
+        """Image `i` alone (its padding dropped)."""
+        n = int(self.counts[i])
+        return QwenImages(
+            self.features[i : i + 1, :n], self.kept[i : i + 1, :n], self.grids[i : i + 1],
+            self.counts[i : i + 1],
+        )  # fmt: skip
+
 
 def is_qwen(manifest: dict) -> bool:
     return manifest.get(C.KEY_MODEL, {}).get("family") == C.FAMILY_QWEN25VL

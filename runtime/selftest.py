@@ -29,7 +29,7 @@ from PIL import Image
 
 from runtime import contract as C
 from runtime.parity import below_floor, rel_diff, selection_figures
-from runtime.preprocess import load_image, preprocess_batch
+from runtime.preprocess import load_image
 
 NEW_TOKENS = 8  # greedy tokens per photo in the reference
 SIDE = 640  # the reference photos' long side (px): ~1 MB for two in the bundle
@@ -64,12 +64,14 @@ def save_reference(pipe, images: list[Image.Image], scores: Callable) -> dict:
     manifest's selftest section.
 
     `scores(pixels) -> (B, N)` gives PyTorch's selection scores (the leverage the graph ranks),
-    so a device is judged by the mass it keeps, not only by exact indices.
+    so a device is judged by the mass it keeps, not only by exact indices. A Qwen2.5-VL bundle's
+    photos keep their own sizes: its rows (kept, features, scores, prompt ids) are padded
+    (kept and prompt ids with -1, the others with 0).
     """
     from runtime.generate import Sampling
 
-    pixels = preprocess_batch(images, pipe.m[C.KEY_VISION])  # (B, 3, H, W) float32
-    prompt = np.array(pipe.prompt_ids(PROMPT), np.int64)
+    pixels = pipe.preprocess(images)  # (B, 3, H, W) float32, or one (pixels, grid) per photo
+    prompt = _prompts(pipe, pixels)
     kept, feats, tokens, margin = _run(pipe, pixels, prompt, Sampling(NEW_TOKENS), once=True)
     photos = {C.ST_IMAGE.format(i): np.asarray(im) for i, im in enumerate(images)}
     np.savez_compressed(
@@ -92,21 +94,39 @@ def save_reference(pipe, images: list[Image.Image], scores: Callable) -> dict:
     }
 
 
-def _digest(pixels: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(pixels, np.float32).tobytes()).hexdigest()
+def _digest(pixels) -> str:
+    """sha256 of the pixels: a (B, 3, H, W) array, or a Qwen bundle's (pixels, grid) list."""
+    arrays = [pixels] if isinstance(pixels, np.ndarray) else [a for pair in pixels for a in pair]
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a, a.dtype).tobytes())
+    return digest.hexdigest()
 
 
-def _run(pipe, pixels: np.ndarray, prompt: np.ndarray, sampling, once: bool = False) -> tuple:
+def _prompts(pipe, pixels) -> np.ndarray:
+    """The prompt ids: (S,) for LLaVA; (B, S) padded with -1 for Qwen (each image's count)."""
+    if not pipe.qwen:
+        return np.array(pipe.prompt_ids(PROMPT), np.int64)
+    rows = [pipe.prompt_ids(PROMPT, n) for n in pipe.image_tokens(pixels)]
+    out = np.full((len(rows), max(map(len, rows))), -1, np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def _run(pipe, pixels, prompt: np.ndarray, sampling, once: bool = False) -> tuple:
     """One vision batch (a static graph's own size), then each photo's greedy answer alone:
     kept (B,K), feats (B,K,D), tokens (B, T) padded with -1 after an early eos. `once`: the
     vision session is closed after its batch (the export's run: one graph's weights mapped)."""
-    feats, kept = pipe.run_vision(pixels)
+    image = pipe.run_vision(pixels)
+    feats, kept = image[0], image[1]
     if once:
         pipe.vision = None
     tokens, margins = [], []
     for i in range(len(pixels)):
-        out = (feats[i : i + 1], kept[i : i + 1])
-        (res,) = pipe.generate(pixels[i : i + 1], [prompt.tolist()], sampling, vision_out=out)
+        out = pipe.vision_row(image, i)
+        ids = prompt if prompt.ndim == 1 else prompt[i][prompt[i] >= 0]
+        (res,) = pipe.generate(pixels[i : i + 1], [ids.tolist()], sampling, vision_out=out)
         tokens.append(res.token_ids + [-1] * (sampling.max_new_tokens - len(res.token_ids)))
         top2 = np.sort(res.first_logits)[-2:]  # the first pick's lead over the runner-up
         margins.append((top2[1] - top2[0]) / max(float(np.abs(res.first_logits).max()), 1e-30))
@@ -129,7 +149,7 @@ def run_selftest(pipe) -> dict:
     n_tokens = ref[C.ST_TOKENS].shape[1]
     # this device's own preprocessing (its Pillow) on the stored photos: bit-exact or reported
     images = [Image.fromarray(ref[C.ST_IMAGE.format(i)]) for i in range(section[C.S_IMAGES])]
-    pixels = preprocess_batch(images, pipe.m[C.KEY_VISION])
+    pixels = pipe.preprocess(images)
     kept, feats, tokens, _ = _run(pipe, pixels, ref[C.ST_PROMPT], Sampling(n_tokens))
     sel = selection_figures(kept, ref[C.ST_KEPT], ref[C.ST_SCORES])
     same = kept == ref[C.ST_KEPT]  # (B, K): rows whose token agrees have comparable features
