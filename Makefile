@@ -120,12 +120,20 @@ clean:
 # Latency across K (runtime.profile + transformers side by side; exports missing bundles):
 #   make profile [KS="576 64 32 16"] [REPS=5] [PRESET=medium | MODEL=dir] [PROVIDER=cpu] [TRACE=1]
 #                [NO_TORCH=1] [TORCH_THREADS=1]
+# FAMILY=qwen2.5-vl: bench.qwen_profile instead, K x image size (448x448, 1008x1008, 2 MP):
+#   make profile FAMILY=qwen2.5-vl [PRESET=medium | MODEL=dir] [KS="all 256 64 16"] [REPS=2]
 .PHONY: profile
+ifeq ($(FAMILY),qwen2.5-vl)
+profile: $(STAMP)
+	$(PY) -m bench.qwen_profile --k $(or $(KS),all 256 64 16) --reps $(or $(REPS),2) \
+		$(if $(MODEL),-m $(MODEL)) $(if $(PRESET),--preset $(PRESET))
+else
 profile: $(STAMP)
 	$(PY) -m bench.profile --k $(or $(KS),N 64 32 16) --reps $(or $(REPS),5) \
 		$(if $(MODEL),-m $(MODEL)) $(if $(PRESET),--preset $(PRESET)) \
 		$(if $(PROVIDER),--provider $(PROVIDER)) $(if $(TRACE),--trace) $(if $(NO_TORCH),--no-torch) \
 		$(if $(TORCH_THREADS),--torch-threads $(TORCH_THREADS))
+endif
 
 # `make eval`: POPE-style yes/no questions from ../shared/data/coco128 (or DATA=file.jsonl) through
 # the unpruned bundle and every METHOD at every K (exporting what is missing into

@@ -50,7 +50,7 @@ def export(src: Path, k: str, out: Path) -> Path:
     cmd = [sys.executable, "-m", "export", "-m", str(src), "-o", str(out)]
     cmd += ["--method", "none"] if k == ALL else ["--k", k]
     print(f"exporting {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO, stdout=sys.stderr)
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=2)  # fd 2: progress on stderr
     return out
 
 
@@ -144,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("-o", "--out", type=Path, default=REPO / "build" / "profile")
+    ap.add_argument("--bundles", type=Path, default=REPO / "build", help="bundle folder")
     args = ap.parse_args(argv)
     src = load.checkpoint(args.model, args.preset, C.FAMILY_QWEN25VL)
     bundles, saved = {}, 0
     for k in args.k:  # shared right after each export: never two 12 GiB decoders on disk
-        bundles[k] = export(src, k, REPO / "build" / f"{src.name}-k{k}")
+        bundles[k] = export(src, k, args.bundles / f"{src.name}-k{k}")
         saved += share_text_graphs(next(iter(bundles.values())), bundles[k])
     print(f"text graphs shared between bundles: {saved / 2**30:.1f} GiB saved", file=sys.stderr)
     sizes = {name: SIZES[name] for name in args.sizes}
