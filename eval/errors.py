@@ -13,7 +13,9 @@ from eval.pope import DataError
 from export.load import CheckpointError
 from runtime.bundle import BundleError
 from runtime.generate import PromptError
+from runtime.mrope import PositionError
 from runtime.preprocess import ImageError
+from runtime.qwen_vision_inputs import GridError
 from runtime.session import ProviderError
 from svdprune_onnx.select import PruneError
 from svdprune_onnx.vision import UnsupportedModelError
@@ -32,7 +34,9 @@ USER_ERRORS = (
     DataError,
     EvalArgError,
     ExportFailedError,
+    GridError,
     ImageError,
+    PositionError,
     PromptError,
     ProviderError,
     PruneError,

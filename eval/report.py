@@ -1,9 +1,15 @@
 """Aggregate the cached per-question rows into results.json / .csv / .md / .png and images.json.
 
-cache rows ─► per (method, K): accuracy (overall + per setting), yes ratio, flip rate,
+cache rows ─► per (method, K[, positions]): accuracy (overall + per setting), yes ratio,
+              agreement with the unpruned model's answers (1 - flip rate), flip rate,
               first-token KL, top-1 agreement, kept-token leverage mass, IPR of kept features,
-              Spearman(per-image IPR, per-image flip rate)
+              Spearman(per-image IPR, per-image flip rate), image tokens per image
            ─► per image: IPR of the scored features, flip rate pooled over every pruned job
+           ─► per positions mode (when a run compares them): mean agreement / KL / top-1 over
+              its pruned configurations, and which mode is closer to the unpruned model
+
+Statistics a family has no PyTorch side for (Qwen2.5-VL: leverage mass, IPR) are null in the
+rows and "n/a" in the table.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ TABLE = (  # (column title, row key, format)
     ("K", "k", "{}"),
     ("accuracy", "accuracy", "{:.3f}"),
     ("yes ratio", "yes_ratio", "{:.3f}"),
+    ("agreement", "agreement", "{:.3f}"),
     ("flip rate", "flip_rate", "{:.3f}"),
     ("first-token KL", "first_token_kl", "{:.2e}"),
     ("top-1 agree", "top1_agreement", "{:.3f}"),
@@ -33,11 +40,24 @@ TABLE = (  # (column title, row key, format)
     ("IPR kept / all", "ipr_ratio", "{:.2f}"),
     ("ρ(IPR, flip)", "ipr_flip_spearman", "{:+.2f}"),
 )
+# Columns shown only where they say something: (after column key, (title, key, format)).
+EXTRA = {
+    "positions": ("k", ("positions", "positions", "{}")),
+    "image_tokens": ("k", ("image tokens", "image_tokens", "{:.1f}")),
+}
 
 
 def _mean(values) -> float:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(values)) if values else float("nan")
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if a is not None and b is not None and b != 0 else None
+
+
+def _float(x) -> float:
+    return float("nan") if x is None else float(x)
 
 
 def _clean(x):
@@ -58,7 +78,7 @@ def summarize(
     ref = next(j for j in jobs if j.is_reference)
     ref_rows = [cache.get(ref.config, q.key) for q in questions]
     ref_answers = [r["answer"] for r in ref_rows]
-    ipr_of = {r["image"]: r["ipr"] for r in ref_rows}
+    ipr_of = {r["image"]: _float(r.get("ipr")) for r in ref_rows}
     images = list(ipr_of)
     settings = sorted({q.setting for q in questions})
     pooled: dict[str, list[float]] = defaultdict(list)  # image -> per-job flip rates
@@ -72,20 +92,24 @@ def summarize(
             per_image[g["image"]].append(g["answer"] != r)
         flip_img = {img: float(np.mean(v)) for img, v in per_image.items()}
         first = {g["image"]: g for g in got}  # per-image stats repeat on every question
+        flip = M.flip_rate(ref_answers, answers)
         row = {
             "method": job.method,
             "k": job.k,
+            "positions": job.positions,
             "accuracy": M.accuracy(labels, answers),
             "yes_ratio": M.yes_ratio(answers),
-            "flip_rate": M.flip_rate(ref_answers, answers),
+            "agreement": 1.0 - flip,  # share of answers equal to the unpruned model's
+            "flip_rate": flip,
             "first_token_kl": _mean(g["kl"] for g in got),
             "top1_agreement": _mean(float(g["top1_agree"]) for g in got),
-            "leverage_mass": _mean(s["leverage_mass"] for s in first.values()),
-            "ipr_kept": _mean(s["ipr_kept"] for s in first.values()),
-            "ipr_ratio": _mean(s["ipr_kept"] / s["ipr"] for s in first.values()),
+            "leverage_mass": _mean(s.get("leverage_mass") for s in first.values()),
+            "ipr_kept": _mean(s.get("ipr_kept") for s in first.values()),
+            "ipr_ratio": _mean(_ratio(s.get("ipr_kept"), s.get("ipr")) for s in first.values()),
             "ipr_flip_spearman": M.spearman(
                 [ipr_of[i] for i in images], [flip_img[i] for i in images]
             ),
+            "image_tokens": _mean(s.get("image_tokens") for s in first.values()),
             "n_questions": len(questions),
             "n_images": len(images),
         }
@@ -110,14 +134,71 @@ def summarize(
     return rows, per_image, rho
 
 
-def markdown(rows: list[dict]) -> str:
+def columns(extra: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
+    """TABLE with the EXTRA columns named in `extra` inserted after their anchor column."""
+    cols = list(TABLE)
+    for name in reversed(extra):
+        anchor, col = EXTRA[name]
+        cols.insert(next(i for i, c in enumerate(cols) if c[1] == anchor) + 1, col)
+    return cols
+
+
+def markdown(rows: list[dict], extra: tuple[str, ...] = ()) -> str:
     def cell(row: dict, key: str, fmt: str) -> str:
         v = row.get(key)
         missing = v is None or (isinstance(v, float) and not math.isfinite(v))
         return "n/a" if missing else fmt.format(v)
 
-    lines = ["| " + " | ".join(t for t, _, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
-    lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in TABLE) + " |" for r in rows]
+    table = columns(extra)
+    lines = ["| " + " | ".join(t for t, _, _ in table) + " |", "|" + "---|" * len(table)]
+    lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in table) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def positions_summary(rows: list[dict]) -> dict:
+    """Per positions mode, over its pruned rows: mean agreement with the unpruned model's
+    answers, mean first-token KL and top-1 agreement, and the (method, K) pairs it is closer
+    on; "closer": the mode with the higher mean agreement (ties: the lower mean KL). Empty
+    unless the rows hold more than one mode."""
+    pruned = [r for r in rows if r["method"] != "none"]
+    modes = list(dict.fromkeys(r.get("positions") for r in pruned))
+    if len(modes) < 2:
+        return {}
+    out: dict = {"modes": {}}
+    for mode in modes:
+        mine = [r for r in pruned if r.get("positions") == mode]
+        out["modes"][mode] = {
+            "configs": len(mine),
+            "agreement": _mean(r["agreement"] for r in mine),
+            "first_token_kl": _mean(r["first_token_kl"] for r in mine),
+            "top1_agreement": _mean(r["top1_agreement"] for r in mine),
+            "closer_on": 0,  # (method, K) pairs where this mode's agreement is the highest
+        }
+    pairs = defaultdict(dict)
+    for r in pruned:
+        pairs[(r["method"], r["k"])][r.get("positions")] = r["agreement"]
+    for by_mode in pairs.values():
+        if len(by_mode) == len(modes) and len(set(by_mode.values())) > 1:
+            out["modes"][max(by_mode, key=by_mode.get)]["closer_on"] += 1
+    out["pairs"] = sum(len(m) == len(modes) for m in pairs.values())
+    stats = out["modes"]
+    out["closer"] = max(modes, key=lambda m: (stats[m]["agreement"], -stats[m]["first_token_kl"]))
+    return out
+
+
+def positions_text(summary: dict) -> str:
+    """The positions comparison as a few lines of text (empty without one)."""
+    if not summary:
+        return ""
+    lines = ["positions modes (means over each mode's pruned configurations):"]
+    for mode, s in summary["modes"].items():
+        lines.append(
+            f"  {mode}: agreement with unpruned {s['agreement']:.3f}, first-token KL "
+            f"{s['first_token_kl']:.2e}, top-1 agree {s['top1_agreement']:.3f} over "
+            f"{s['configs']} configs; higher agreement on {s['closer_on']} of "
+            f"{summary['pairs']} (method, K)"
+        )
+    lines.append(f"closer to the unpruned model: {summary['closer']}")
     return "\n".join(lines)
 
 
@@ -130,8 +211,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
             w.writerow({k: "" if v is None else v for k, v in _clean(r).items()})
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Accuracy and flip rate against K, one line per method; the reference as a dashed line."""
+def plot(rows: list[dict], path: Path, title: str, by_positions: bool = False) -> None:
+    """Accuracy and flip rate against K, one line per method (and positions mode, when
+    `by_positions`); the reference as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,12 +222,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ref = next(r for r in rows if r["method"] == "none")
     ks = sorted({r["k"] for r in rows if r["method"] != "none"})
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
-        pts = sorted((r["k"], r["accuracy"], r["flip_rate"]) for r in rows if r["method"] == method)
+
+    def line(r: dict) -> str:
+        return f"{r['method']} ({r.get('positions')})" if by_positions else r["method"]
+
+    for name in dict.fromkeys(line(r) for r in rows if r["method"] != "none"):
+        pts = sorted((r["k"], r["accuracy"], r["flip_rate"]) for r in rows
+                     if r["method"] != "none" and line(r) == name)  # fmt: skip
         x = [p[0] for p in pts]
-        axes[0].plot(x, [p[1] for p in pts], marker="o", label=method)
-        axes[1].plot(x, [p[2] for p in pts], marker="o", label=method)
-    axes[0].axhline(ref["accuracy"], color="k", ls="--", lw=1, label=f"unpruned (K={ref['k']})")
+        axes[0].plot(x, [p[1] for p in pts], marker="o", label=name)
+        axes[1].plot(x, [p[2] for p in pts], marker="o", label=name)
+    tokens = ref.get("image_tokens")
+    varies = tokens is not None and math.isfinite(tokens) and tokens != ref["k"]  # Qwen2.5-VL
+    ref_label = f"unpruned ({tokens:.0f} tokens/image)" if varies else f"unpruned (K={ref['k']})"
+    axes[0].axhline(ref["accuracy"], color="k", ls="--", lw=1, label=ref_label)
     for ax, name in zip(axes, ("accuracy", "answer flip rate vs unpruned"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
@@ -160,15 +250,18 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def write_all(rows: list[dict], per_image: list[dict], rho: float, out: Path, meta: dict) -> dict:
-    """Every output file; returns their paths by kind."""
+    """Every output file; returns their paths by kind. meta["columns"]: EXTRA columns of the
+    table; meta["positions"]: positions_summary (written to results.md and images.json)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / n for k, n in (("json", "results.json"), ("csv", "results.csv"),
              ("md", "results.md"), ("png", "results.png"), ("images", "images.json"))}  # fmt: skip
     paths["json"].write_text(json.dumps(_clean(rows), indent=1) + "\n")
     write_csv(rows, paths["csv"])
-    table = markdown(rows)
-    paths["md"].write_text(table + "\n")
+    extra = tuple(meta.get("columns", ()))
+    table = markdown(rows, extra)
+    summary = positions_text(meta.get("positions") or {})
+    paths["md"].write_text(table + "\n" + (f"\n{summary}\n" if summary else ""))
     images = {"ipr_flip_spearman": rho, "meta": meta, "images": per_image}
     paths["images"].write_text(json.dumps(_clean(images), indent=1) + "\n")
-    plot(rows, paths["png"], meta.get("title", ""))
+    plot(rows, paths["png"], meta.get("title", ""), "positions" in extra)
     return paths

@@ -241,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = load_manifest(args.bundle, full=True)  # the explicit check: never the stamp alone
         p = m[C.KEY_PRUNING]
-        print(f"ok: {len(m[C.KEY_FILES])} files verified; K={p[C.P_K]} of N={p[C.P_N]}, "
-              f"{p[C.P_METHOD]}")  # fmt: skip
+        kept = f"K={p[C.P_K]} of N={p[C.P_N]}"
+        if m.get(C.KEY_MODEL, {}).get("family") == C.FAMILY_QWEN25VL:  # N follows the image
+            k = m[C.KEY_TEXT][C.T_IMAGE_TOKENS]
+            kept = "all of each image's merged tokens" if k is None else f"K={k} per image"
+        print(f"ok: {len(m[C.KEY_FILES])} files verified; {kept}, {p[C.P_METHOD]}")
         if not args.selftest:
             return 0
         from runtime.generate import Pipeline

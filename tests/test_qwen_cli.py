@@ -147,3 +147,26 @@ def test_family_mismatch_and_llava_image_size(tiny_clip: Path, tmp_path: Path, c
         == 2
     )
     assert "--image-size" in capsys.readouterr().err
+
+
+def test_chat_turn_equals_a_fresh_run(bundle: Path, photo_paths: list[Path]) -> None:
+    """A second chat turn on top of the KV cache (text after the image continues from the
+    M-RoPE maximum) answers as a fresh run of the whole conversation does."""
+    from runtime.chat import render
+    from runtime.generator import Generator
+
+    pipe = Pipeline(bundle, SessionConfig(provider="cpu"))
+    px = pipe.preprocess([Image.open(photo_paths[1]).convert("RGB")])
+    image = pipe.run_vision(px)
+    gen = Generator(pipe, Sampling(4), 1)
+    messages = [{"role": "user", "text": "What is it?"}]
+    gen.resume(pipe.encode_with_image(render(pipe, messages)), image)
+    while not gen.is_done():
+        gen.generate_next_token()
+    messages += [{"role": "assistant", "text": gen.text(0)}, {"role": "user", "text": "Why?"}]
+    ids = pipe.encode_with_image(render(pipe, messages))
+    cached = len(ids) - gen.resume(ids, image)
+    while not gen.is_done():
+        gen.generate_next_token()
+    (fresh,) = pipe.generate(px, [ids], Sampling(4), vision_out=image)
+    assert cached > 0 and gen.new_tokens[0] == fresh.token_ids
