@@ -2,7 +2,8 @@
 
 cache rows ─► per (method, K[, positions]): accuracy (overall + per setting), yes ratio,
               agreement with the unpruned model's answers (1 - flip rate), flip rate,
-              first-token KL, top-1 agreement, kept-token leverage mass, IPR of kept features,
+              first-token KL, top-1 agreement, mean |yes-no margin - the unpruned model's|
+              (--answer logits), kept-token leverage mass, IPR of kept features,
               Spearman(per-image IPR, per-image flip rate), image tokens per image
            ─► per image: IPR of the scored features, flip rate pooled over every pruned job
            ─► per positions mode (when a run compares them): mean agreement / KL / top-1 over
@@ -36,6 +37,7 @@ TABLE = (  # (column title, row key, format)
     ("flip rate", "flip_rate", "{:.3f}"),
     ("first-token KL", "first_token_kl", "{:.2e}"),
     ("top-1 agree", "top1_agreement", "{:.3f}"),
+    ("yes-no margin Δ", "margin_mae", "{:.2e}"),
     ("leverage mass", "leverage_mass", "{:.3f}"),
     ("IPR kept / all", "ipr_ratio", "{:.2f}"),
     ("ρ(IPR, flip)", "ipr_flip_spearman", "{:+.2f}"),
@@ -78,6 +80,7 @@ def summarize(
     ref = next(j for j in jobs if j.is_reference)
     ref_rows = [cache.get(ref.config, q.key) for q in questions]
     ref_answers = [r["answer"] for r in ref_rows]
+    ref_margins = [r.get("margin") for r in ref_rows]  # None: --answer text
     ipr_of = {r["image"]: _float(r.get("ipr")) for r in ref_rows}
     images = list(ipr_of)
     settings = sorted({q.setting for q in questions})
@@ -103,6 +106,12 @@ def summarize(
             "flip_rate": flip,
             "first_token_kl": _mean(g["kl"] for g in got),
             "top1_agreement": _mean(float(g["top1_agree"]) for g in got),
+            # log P(yes) - log P(no) against the reference's: how close the decision is, where
+            # the answers themselves agree (a model that says yes to everything)
+            "margin_mae": _mean(
+                abs(g["margin"] - m) if m is not None and g.get("margin") is not None else None
+                for g, m in zip(got, ref_margins, strict=True)
+            ),
             "leverage_mass": _mean(s.get("leverage_mass") for s in first.values()),
             "ipr_kept": _mean(s.get("ipr_kept") for s in first.values()),
             "ipr_ratio": _mean(_ratio(s.get("ipr_kept"), s.get("ipr")) for s in first.values()),
@@ -172,6 +181,7 @@ def positions_summary(rows: list[dict]) -> dict:
             "agreement": _mean(r["agreement"] for r in mine),
             "first_token_kl": _mean(r["first_token_kl"] for r in mine),
             "top1_agreement": _mean(r["top1_agreement"] for r in mine),
+            "margin_mae": _mean(r.get("margin_mae") for r in mine),
             "closer_on": 0,  # (method, K) pairs where this mode's agreement is the highest
         }
     pairs = defaultdict(dict)
@@ -194,7 +204,8 @@ def positions_text(summary: dict) -> str:
     for mode, s in summary["modes"].items():
         lines.append(
             f"  {mode}: agreement with unpruned {s['agreement']:.3f}, first-token KL "
-            f"{s['first_token_kl']:.2e}, top-1 agree {s['top1_agreement']:.3f} over "
+            f"{s['first_token_kl']:.2e}, top-1 agree {s['top1_agreement']:.3f}, yes-no "
+            f"margin Δ {s['margin_mae']:.2e} over "
             f"{s['configs']} configs; higher agreement on {s['closer_on']} of "
             f"{summary['pairs']} (method, K)"
         )

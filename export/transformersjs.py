@@ -24,6 +24,14 @@ names and axes (runtime/contract.py); three side files do not, so the export rew
                            (not from chat_template.jinja / .json)
 
 Nothing here changes what our runtime reads (svdprune.json, tokenizer.json).
+
+Qwen2.5-VL (`adapt_qwen_for_transformersjs`): `Qwen2_5_VLForConditionalGeneration` loads the same
+three graph names (model_type qwen2_5_vl, image_grid_thw named as ours) and its
+`Qwen2_5_VLProcessor` reads the checkpoint's preprocessor_config.json as it is; only config.json's
+transformers.js_config (fp32 file names, external data) and the chat template in
+tokenizer_config.json are written. That runs an UNPRUNED (method none) bundle. A pruned one cannot
+run: the processor writes t*h*w/4 image pads for K features ("Number of tokens and features do
+not match") and its M-RoPE (get_rope_index) lays out the full grid, never the kept cells.
 """
 
 from __future__ import annotations
@@ -90,16 +98,7 @@ def adapt_for_transformersjs(root: Path, manifest: dict) -> None:
     """
     k = manifest[C.KEY_TEXT][C.T_IMAGE_TOKENS]
     h, w = manifest[C.KEY_VISION][C.V_IMAGE_SIZE]
-    cfg_path = root / C.HF_CONFIG
-    if not cfg_path.is_file():
-        raise TransformersJsError(f"{root} has no {C.HF_CONFIG}; copy the side files first")
-    cfg = _read(cfg_path)
-    cfg["image_seq_length"] = k
-    js = {"dtype": C.TJS_DTYPE}
-    if data := external_data(root):
-        js["use_external_data_format"] = data
-    cfg[C.TJS_CONFIG] = js
-    _write(cfg_path, cfg)
+    write_tjs_config(root, image_seq_length=k)
 
     proc_path = root / C.HF_PROCESSOR_CONFIG
     proc = _read(proc_path)
@@ -117,6 +116,26 @@ def adapt_for_transformersjs(root: Path, manifest: dict) -> None:
             flush=True,
         )
 
+    template_into_tokenizer_config(root)
+
+
+def write_tjs_config(root: Path, **fields) -> None:
+    """config.json: transformers.js_config {dtype, use_external_data_format} plus `fields`."""
+    cfg_path = root / C.HF_CONFIG
+    if not cfg_path.is_file():
+        raise TransformersJsError(f"{root} has no {C.HF_CONFIG}; copy the side files first")
+    cfg = _read(cfg_path)
+    cfg.update(fields)
+    js = {"dtype": C.TJS_DTYPE}
+    if data := external_data(root):
+        js["use_external_data_format"] = data
+    cfg[C.TJS_CONFIG] = js
+    _write(cfg_path, cfg)
+
+
+def template_into_tokenizer_config(root: Path) -> None:
+    """tokenizer_config.json gets the checkpoint's chat template where it has none (the only
+    place transformers.js's processors read it)."""
     tok_path = root / C.HF_TOKENIZER_CONFIG
     template = chat_template(root)
     if tok_path.is_file() and template:
@@ -124,3 +143,26 @@ def adapt_for_transformersjs(root: Path, manifest: dict) -> None:
         if not tok.get("chat_template"):
             tok["chat_template"] = template
             _write(tok_path, tok, sort_keys=False)
+
+
+def qwen_runs_in_transformersjs(manifest: dict) -> bool:
+    """True for an unpruned (method none) Qwen2.5-VL bundle: every merged token per image."""
+    return manifest[C.KEY_TEXT].get(C.T_IMAGE_TOKENS) is None
+
+
+def adapt_qwen_for_transformersjs(root: Path, manifest: dict) -> None:
+    """Rewrite config.json (and tokenizer_config.json's chat template) of a Qwen2.5-VL bundle.
+
+    Same call point as `adapt_for_transformersjs`: after the side files are copied, before the
+    manifest hashes them. preprocessor_config.json stays the checkpoint's (transformers.js's
+    Qwen2VLImageProcessor reads min/max_pixels, patch/merge/temporal sizes from it as Python does).
+    """
+    write_tjs_config(root)
+    template_into_tokenizer_config(root)
+    if not qwen_runs_in_transformersjs(manifest):
+        print(
+            "      note: transformers.js 4.3 runs only unpruned (--method none) Qwen2.5-VL "
+            "bundles: its processor writes every merged token's pad and its M-RoPE ignores "
+            "kept_indices",
+            flush=True,
+        )
