@@ -229,7 +229,7 @@ def main(args: argparse.Namespace) -> Path:
     )
     from export.photos import synthetic_photo, validation_batches
     from export.processor import check_runtime_pixels
-    from export.text_graphs import decoder_refs, embed_parity, embed_refs, export_embed
+    from export.text_graphs import decoder_refs
     from export.transformersjs import adapt_for_transformersjs
     from export.vision import OPSET, export_vision, validate_vision, vision_refs
     from runtime.generate import Pipeline
@@ -303,17 +303,8 @@ def main(args: argparse.Namespace) -> Path:
             selftest_scores = module.scores(torch.from_numpy(selftest_px)).numpy()
         report = validate_vision(path, batches, refs)
         report.update(pixel_check)  # preprocessing figures (export/processor.py)
-        sel = report[C.VAL_SELECTION]
-        rel = report[C.VAL_FEATURES_REL]
-        done(t, f"kept_indices agreement {sel['agreement_min']:.3f}, leverage mass "
-                f"{sel['mass_min']:.4f}, features rel. diff {rel:.1e}")  # fmt: skip
-
-        t = step(3, steps, f"{C.EMBED_ONNX}: export + parity")
-        export_embed(lm, tmp / C.EMBED_ONNX, OPSET, weights)
-        with loaded(weights, lm.get_input_embeddings()):
-            refs = embed_refs(lm)
-        report["embed_tokens_max_abs_diff"] = embed_parity(tmp / C.EMBED_ONNX, refs)
-        done(t, "identical embeddings")
+        vision_done(t, report)
+        embed_step(lm, tmp, weights, report, steps)
 
         t = step(4, steps, f"{C.DECODER_ONNX}: export ({args.decoder_exporter}) + parity")
         # Parity on the graph itself, or, when its fp32 weights would not fit in memory beside
@@ -459,6 +450,26 @@ def check_decoder(check, lm, weights, path: Path, model, refs_fn) -> dict:
         refs = refs_fn(check_lm, lookup)
     worst = decoder_parity(check_path, refs, check_text)
     return {**worst, "layers": check_text[C.T_LAYERS]}
+
+
+def vision_done(t: float, report: dict) -> None:
+    """Step 2's closing line (both families): selection and feature parity vs PyTorch."""
+    sel, rel = report[C.VAL_SELECTION], report[C.VAL_FEATURES_REL]
+    done(t, f"kept_indices agreement {sel['agreement_min']:.3f}, leverage mass "
+            f"{sel['mass_min']:.4f}, features rel. diff {rel:.1e}")  # fmt: skip
+
+
+def embed_step(lm, tmp: Path, weights, report: dict, steps: int) -> None:
+    """Step 3 (both families): onnx/embed_tokens.onnx, exported and checked against PyTorch."""
+    from export.text_graphs import embed_parity, embed_refs, export_embed
+    from export.vision import OPSET
+
+    t = step(3, steps, f"{C.EMBED_ONNX}: export + parity")
+    export_embed(lm, tmp / C.EMBED_ONNX, OPSET, weights)
+    with loaded(weights, lm.get_input_embeddings()):
+        refs = embed_refs(lm)
+    report["embed_tokens_max_abs_diff"] = embed_parity(tmp / C.EMBED_ONNX, refs)
+    done(t, "identical embeddings")
 
 
 def same_pixels(px, want) -> bool:

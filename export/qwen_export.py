@@ -150,10 +150,12 @@ def main_qwen(args: argparse.Namespace) -> Path:
         check_decoder,
         check_rank,
         done,
+        embed_step,
         loaded,
         parity_target,
         resolve_rank,
         step,
+        vision_done,
     )
     from export.bundle import atomic_dir, copy_side_files, package_versions, write_manifest
     from export.lean import mmap_big_allocations
@@ -162,7 +164,6 @@ def main_qwen(args: argparse.Namespace) -> Path:
     from export.photos import synthetic_photo
     from export.qwen_decoder import export_qwen_decoder, qwen_causal_lm, qwen_decoder_refs
     from export.qwen_vision import export_qwen_vision, qwen_vision_refs, validate_qwen_vision
-    from export.text_graphs import embed_parity, embed_refs, export_embed
     from export.vision import OPSET
     from runtime.generate import Pipeline
     from runtime.preprocess_qwen import preprocess_qwen
@@ -218,16 +219,8 @@ def main_qwen(args: argparse.Namespace) -> Path:
         refs, selftest_refs = refs[: len(inputs)], refs[len(inputs) :]
         report = validate_qwen_vision(tmp / C.VISION_ONNX, module, inputs, refs)
         report.update(pixel_check)
-        sel = report[C.VAL_SELECTION]
-        rel = report[C.VAL_FEATURES_REL]
-        done(t, f"kept_indices agreement {sel['agreement_min']:.3f}, leverage mass "
-                f"{sel['mass_min']:.4f}, features rel. diff {rel:.1e}")  # fmt: skip
-
-        t = step(3, steps, f"{C.EMBED_ONNX}: export + parity")
-        export_embed(lm, tmp / C.EMBED_ONNX, OPSET, weights)
-        with loaded(weights, lm.get_input_embeddings()):
-            report["embed_tokens_max_abs_diff"] = embed_parity(tmp / C.EMBED_ONNX, embed_refs(lm))
-        done(t, "identical embeddings")
+        vision_done(t, report)
+        embed_step(lm, tmp, weights, report, steps)
 
         t = step(4, steps, f"{C.DECODER_ONNX}: export (torch, 3-row positions) + parity")
 

@@ -74,6 +74,24 @@ def realistic_siglip(models_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen(models_root: Path) -> Path:
+    """The built-in tiny Qwen2.5-VL checkpoint (svdprune_onnx/tiny_qwen.py)."""
+    from svdprune_onnx.tiny_qwen import ensure_tiny_qwen25vl
+
+    return ensure_tiny_qwen25vl(models_root)
+
+
+@pytest.fixture(scope="session")
+def qwen_model(tiny_qwen: Path):
+    """tiny_qwen loaded by transformers, float32, eval mode."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_qwen, local_files_only=True
+    ).eval()
+
+
+@pytest.fixture(scope="session")
 def clip_pixels(tiny_clip: Path, photo_paths: list[Path]) -> np.ndarray:
     """(3, 3, 336, 336) float32: the real photos through the tiny CLIP checkpoint's processor."""
     from export.load import load_image_processor

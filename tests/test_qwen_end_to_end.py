@@ -22,7 +22,6 @@ from PIL import Image
 from transformers import (
     AutoTokenizer,
     DynamicCache,
-    Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessor,
 )
@@ -38,7 +37,6 @@ from runtime.parity import rel_diff
 from runtime.preprocess import load_image
 from runtime.session import SessionConfig
 from svdprune_onnx import qwen_vision as QV
-from svdprune_onnx.tiny_qwen import ensure_tiny_qwen25vl
 
 NEW_TOKENS = 6
 QUESTION = "What is in the image? Describe it."
@@ -48,13 +46,13 @@ SIZES = [(448, 448), (300, 500), (200, 120)]
 
 
 @pytest.fixture(scope="module")
-def ckpt(models_root: Path) -> Path:
-    return ensure_tiny_qwen25vl(models_root)
+def ckpt(tiny_qwen: Path) -> Path:
+    return tiny_qwen
 
 
 @pytest.fixture(scope="module")
-def model(ckpt: Path):
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, local_files_only=True).eval()
+def model(qwen_model):
+    return qwen_model
 
 
 @pytest.fixture(scope="module")

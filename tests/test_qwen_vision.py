@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoImageProcessor
 
 from export.qwen_vision import export_qwen_vision, qwen_vision_refs, run_qwen_vision
 from export.qwen_vision import validate_qwen_vision as validate
@@ -24,7 +24,6 @@ from runtime.preprocess_qwen import preprocess_qwen, preprocess_qwen_fixed, visi
 from runtime.qwen_vision_inputs import GridError, check_grid, check_inputs
 from svdprune_onnx import qwen_vision as QV
 from svdprune_onnx.select import PruneConfig, PruneError, select_topk, spatial_priority
-from svdprune_onnx.tiny_qwen import ensure_tiny_qwen25vl
 
 SIZES = [(448, 448), (640, 480)]  # (W, H) PIL resizes: grids 32x32 and 34x46 (644x476)
 FIXED = (448, 448)
@@ -32,13 +31,13 @@ RTOL = 1e-5  # image_features vs PyTorch / transformers, relative to their scale
 
 
 @pytest.fixture(scope="module")
-def ckpt(models_root: Path) -> Path:
-    return ensure_tiny_qwen25vl(models_root)
+def ckpt(tiny_qwen: Path) -> Path:
+    return tiny_qwen
 
 
 @pytest.fixture(scope="module")
-def model(ckpt: Path):
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, local_files_only=True).eval()
+def model(qwen_model):
+    return qwen_model
 
 
 @pytest.fixture(scope="module")
