@@ -33,7 +33,10 @@ from runtime.preprocess import load_image, preprocess, resize_size
 REPO = Path(__file__).resolve().parents[1]
 NODE_DIR = REPO / "examples" / "node"
 NODE_FILES = ("package.json", "package-lock.json")
-NODE_SCRIPTS = ("greedy_ids.mjs", "answer.mjs", "bundle.mjs", "preprocess.mjs", "agreement.mjs")
+NODE_SCRIPTS = (
+    *("greedy_ids.mjs", "answer.mjs", "bundle.mjs", "preprocess.mjs", "agreement.mjs"),
+    "qwen_answer.mjs",
+)
 SHARED = REPO.parent / "shared" / "data"
 OUT = REPO / "build" / "tjs-agreement"
 

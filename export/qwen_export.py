@@ -158,12 +158,14 @@ def main_qwen(args: argparse.Namespace) -> Path:
         vision_done,
     )
     from export.bundle import atomic_dir, copy_side_files, package_versions, write_manifest
+    from export.genai import write_genai_qwen
     from export.lean import mmap_big_allocations
     from export.load import checkpoint, load_image_processor
     from export.manifest import PRUNING_KEYS, graphs_section, text_facts
     from export.photos import synthetic_photo
     from export.qwen_decoder import export_qwen_decoder, qwen_causal_lm, qwen_decoder_refs
     from export.qwen_vision import export_qwen_vision, qwen_vision_refs, validate_qwen_vision
+    from export.transformersjs import adapt_qwen_for_transformersjs
     from export.vision import OPSET
     from runtime.generate import Pipeline
     from runtime.preprocess_qwen import preprocess_qwen
@@ -270,6 +272,8 @@ def main_qwen(args: argparse.Namespace) -> Path:
                 "export_memory": LEAN if weights is not None else FULL,
             },
         }
+        adapt_qwen_for_transformersjs(tmp, manifest)  # transformers.js_config + chat template
+        write_genai_qwen(tmp, manifest)  # ORT GenAI: files for --method none, else why not
         write_manifest(tmp, manifest)
         # The device self-test's reference: this bundle's own CPU run on real photos.
         pipe = Pipeline(tmp, SessionConfig(provider="cpu", prepack=False), verify=False)

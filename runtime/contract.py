@@ -59,9 +59,9 @@ GENAI_CONFIG = "genai_config.json"  # the name ORT GenAI opens in the model fold
 # input_ids + image_features -> inputs_embeds: embed_tokens' nodes plus the scatter, as ORT
 # GenAI's "embedding" session (transformers.js and our runtime keep EMBED_ONNX)
 GENAI_EMBED_ONNX = f"{ONNX_DIR}/embed_genai.onnx"
-# genai_config.json's vision.config_filename: never written. ORT GenAI's default name is
-# processor_config.json, which is the HF processor's file here (HF_PROCESSOR_CONFIG); only its own
-# MultiModalProcessor reads this file, and the example sets the inputs by hand instead.
+# genai_config.json's vision.config_filename: written only for an unpruned Qwen2.5-VL bundle (the
+# ort-extensions pipeline of GenAI's own Qwen processor, export/genai.py); a LLaVA bundle's GenAI
+# type never reads it. GenAI's default name, processor_config.json, is the HF processor's file.
 GENAI_PROCESSOR_CONFIG = "genai_processor_config.json"
 GENAI_FILES = (GENAI_CONFIG, GENAI_EMBED_ONNX)
 # The ORT GenAI model type the config names, and the release it was checked against
