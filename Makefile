@@ -139,14 +139,16 @@ endif
 # the unpruned bundle and every METHOD at every K (exporting what is missing into
 # build/eval/bundles); writes build/eval/results.{json,csv,md,png} and images.json. Resumable.
 # Variables: MODEL or PRESET, KS="16 32 64", METHODS="gram power exact ...", LIMIT (images),
-# DATA, ANSWER=logits|text, PROVIDER, EVAL_OUT.
+# DATA, ANSWER=logits|text, PROVIDER, EVAL_OUT, FAMILY=qwen2.5-vl, POSITIONS="original compact"
+# (each pruned bundle once per position mode; Qwen's default: both).
 .PHONY: eval
 eval: $(STAMP)
 	$(PY) -m eval $(if $(MODEL),-m $(MODEL)) $(if $(PRESET),--preset $(PRESET)) \
 		$(if $(KS),--k $(KS)) $(if $(METHODS),--methods $(METHODS)) \
 		$(if $(LIMIT),--limit $(LIMIT)) $(if $(DATA),--data $(DATA)) \
 		$(if $(ANSWER),--answer $(ANSWER)) $(if $(PROVIDER),--provider $(PROVIDER)) \
-		$(if $(EVAL_OUT),-o $(EVAL_OUT))
+		$(if $(EVAL_OUT),-o $(EVAL_OUT)) $(if $(FAMILY),--family $(FAMILY)) \
+		$(if $(POSITIONS),--positions $(POSITIONS))
 
 # 1000 runtime calls in one process on the tiny default (exported if missing): RSS growth, slope.
 .PHONY: soak

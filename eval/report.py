@@ -6,8 +6,9 @@ cache rows ─► per (method, K[, positions]): accuracy (overall + per setting)
               (--answer logits), kept-token leverage mass, IPR of kept features,
               Spearman(per-image IPR, per-image flip rate), image tokens per image
            ─► per image: IPR of the scored features, flip rate pooled over every pruned job
-           ─► per positions mode (when a run compares them): mean agreement / KL / top-1 over
-              its pruned configurations, and which mode is closer to the unpruned model
+           ─► per positions mode (when a run compares them): mean agreement, yes-no margin Δ,
+              KL, top-1 over its pruned configurations, and which mode is closer to the
+              unpruned model (CLOSENESS: agreement first, then margin Δ, then KL)
 
 Statistics a family has no PyTorch side for (Qwen2.5-VL: leverage mass, IPR) are null in the
 rows and "n/a" in the table.
@@ -164,36 +165,58 @@ def markdown(rows: list[dict], extra: tuple[str, ...] = ()) -> str:
     return "\n".join(lines)
 
 
+# How a positions mode is judged closer to the unpruned model, in order: the share of answers
+# equal to its answers (the question eval asks), then the yes/no decision's margin (logits
+# answers: the quantity the answer is read from), then the first-token distribution. A later
+# criterion only decides where the earlier ones are equal (e.g. a model that answers yes to
+# everything agrees 1.000 in every mode).
+CLOSENESS = (("agreement", -1.0), ("margin_mae", 1.0), ("first_token_kl", 1.0))  # (key, sign)
+
+
+def _closeness(stats: dict) -> tuple[float, ...]:
+    """Sort key, smaller = closer; a missing figure (margin with --answer text) ties."""
+    return tuple(
+        sign * v if (v := stats.get(key)) is not None and math.isfinite(v) else 0.0
+        for key, sign in CLOSENESS
+    )
+
+
 def positions_summary(rows: list[dict]) -> dict:
     """Per positions mode, over its pruned rows: mean agreement with the unpruned model's
-    answers, mean first-token KL and top-1 agreement, and the (method, K) pairs it is closer
-    on; "closer": the mode with the higher mean agreement (ties: the lower mean KL). Empty
-    unless the rows hold more than one mode."""
+    answers, yes-no margin Δ, first-token KL and top-1 agreement, and the (method, K) pairs it
+    is the closer mode on; "closer": the mode whose means are closer by CLOSENESS, "decided_by":
+    the first criterion on which the modes differ (None: equal on all). Empty unless the rows
+    hold more than one mode."""
     pruned = [r for r in rows if r["method"] != "none"]
     modes = list(dict.fromkeys(r.get("positions") for r in pruned))
     if len(modes) < 2:
         return {}
-    out: dict = {"modes": {}}
+    stats: dict = {}
     for mode in modes:
         mine = [r for r in pruned if r.get("positions") == mode]
-        out["modes"][mode] = {
+        stats[mode] = {
             "configs": len(mine),
             "agreement": _mean(r["agreement"] for r in mine),
+            "margin_mae": _mean(r.get("margin_mae") for r in mine),
             "first_token_kl": _mean(r["first_token_kl"] for r in mine),
             "top1_agreement": _mean(r["top1_agreement"] for r in mine),
-            "margin_mae": _mean(r.get("margin_mae") for r in mine),
-            "closer_on": 0,  # (method, K) pairs where this mode's agreement is the highest
+            "closer_on": 0,  # (method, K) pairs where this mode is the closest
         }
     pairs = defaultdict(dict)
     for r in pruned:
-        pairs[(r["method"], r["k"])][r.get("positions")] = r["agreement"]
-    for by_mode in pairs.values():
-        if len(by_mode) == len(modes) and len(set(by_mode.values())) > 1:
-            out["modes"][max(by_mode, key=by_mode.get)]["closer_on"] += 1
-    out["pairs"] = sum(len(m) == len(modes) for m in pairs.values())
-    stats = out["modes"]
-    out["closer"] = max(modes, key=lambda m: (stats[m]["agreement"], -stats[m]["first_token_kl"]))
-    return out
+        pairs[(r["method"], r["k"])][r.get("positions")] = _closeness(r)
+    complete = [by_mode for by_mode in pairs.values() if len(by_mode) == len(modes)]
+    for by_mode in complete:
+        if len(set(by_mode.values())) > 1:
+            stats[min(by_mode, key=by_mode.get)]["closer_on"] += 1
+    keys = {m: _closeness(stats[m]) for m in modes}
+    differ = [i for i in range(len(CLOSENESS)) if len({k[i] for k in keys.values()}) > 1]
+    return {
+        "modes": stats,
+        "pairs": len(complete),
+        "closer": min(modes, key=keys.get),
+        "decided_by": CLOSENESS[differ[0]][0] if differ else None,
+    }
 
 
 def positions_text(summary: dict) -> str:
@@ -203,13 +226,15 @@ def positions_text(summary: dict) -> str:
     lines = ["positions modes (means over each mode's pruned configurations):"]
     for mode, s in summary["modes"].items():
         lines.append(
-            f"  {mode}: agreement with unpruned {s['agreement']:.3f}, first-token KL "
-            f"{s['first_token_kl']:.2e}, top-1 agree {s['top1_agreement']:.3f}, yes-no "
-            f"margin Δ {s['margin_mae']:.2e} over "
-            f"{s['configs']} configs; higher agreement on {s['closer_on']} of "
-            f"{summary['pairs']} (method, K)"
+            f"  {mode}: agreement with unpruned {s['agreement']:.3f}, yes-no margin Δ "
+            f"{s['margin_mae']:.3e}, first-token KL {s['first_token_kl']:.3e}, top-1 agree "
+            f"{s['top1_agreement']:.3f} over {s['configs']} configs; the closer mode on "
+            f"{s['closer_on']} of {summary['pairs']} (method, K)"
         )
-    lines.append(f"closer to the unpruned model: {summary['closer']}")
+    how = summary["decided_by"]
+    how = f"by {how}" if how else "equal on every figure; the first mode is named"
+    lines.append(f"closer to the unpruned model: {summary['closer']} ({how}; order: "
+                 f"{', '.join(k for k, _ in CLOSENESS)})")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -14,16 +14,12 @@ import pytest
 
 from runtime import contract as C
 
-pytestmark = pytest.mark.slow
-
 N_MAX = 16384  # a dynamic Qwen2.5-VL bundle's manifest N (svdprune_onnx.qwen_vision.N_MAX)
 
 
 @pytest.fixture(scope="module")
-def ckpt(models_root: Path) -> Path:
-    from svdprune_onnx.tiny_qwen import ensure_tiny_qwen25vl
-
-    return ensure_tiny_qwen25vl(models_root)
+def ckpt(tiny_qwen: Path) -> Path:
+    return tiny_qwen  # tests/conftest.py: the built-in tiny Qwen2.5-VL under models_root
 
 
 def _args(ckpt: Path, out: Path, bundles: Path, *extra: str):
@@ -43,6 +39,7 @@ def run(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"out": out, "bundles": bundles, "result": result}
 
 
+@pytest.mark.slow
 def test_rows_per_positions_mode_with_sane_figures(run) -> None:
     rows = json.loads((run["out"] / "results.json").read_text())
     assert [(r["method"], r["k"], r["positions"]) for r in rows] == [
@@ -69,22 +66,25 @@ def test_rows_per_positions_mode_with_sane_figures(run) -> None:
     assert orig["first_token_kl"] != compact["first_token_kl"]
 
 
+@pytest.mark.slow
 def test_report_names_the_closer_mode(run) -> None:
     summary = run["result"]["positions"]
     assert set(summary["modes"]) == {C.POSITIONS_ORIGINAL, C.POSITIONS_COMPACT}
     assert summary["closer"] in summary["modes"] and summary["pairs"] == 1
+    assert summary["decided_by"] in ("agreement", "margin_mae", "first_token_kl", None)
     for s in summary["modes"].values():
         assert s["configs"] == 1 and 0 <= s["agreement"] <= 1
     md = (run["out"] / "results.md").read_text()
     assert md.startswith("| method | K | positions | image tokens | accuracy")
     assert "| gram | 16 | compact |" in md and "| gram | 16 | original |" in md
-    assert f"closer to the unpruned model: {summary['closer']}" in md
+    assert f"closer to the unpruned model: {summary['closer']} (" in md
     images = json.loads((run["out"] / "images.json").read_text())
     assert images["meta"]["family"] == C.FAMILY_QWEN25VL
     assert images["meta"]["positions"]["closer"] == summary["closer"]
     assert (run["out"] / "results.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_bundles_per_positions_mode_share_their_graphs(run, ckpt: Path) -> None:
     from runtime.bundle import load_manifest
 
@@ -99,6 +99,7 @@ def test_bundles_per_positions_mode_share_their_graphs(run, ckpt: Path) -> None:
     assert (ref / C.DECODER_ONNX).stat().st_ino == (orig / C.DECODER_ONNX).stat().st_ino
 
 
+@pytest.mark.slow
 def test_rerun_recomputes_nothing(run, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from eval.__main__ import main
     from runtime.generate import Pipeline
@@ -133,8 +134,39 @@ def test_refusals_before_any_export(ckpt: Path, tmp_path: Path, flags, message) 
     assert not (tmp_path / "b").exists()  # refused before exporting anything
 
 
+@pytest.mark.slow
 def test_no_nan_in_the_json(run) -> None:
     text = (run["out"] / "results.json").read_text()
     assert "NaN" not in text  # strict JSON: absent figures are null
     rows = json.loads(text)
     assert all(not (isinstance(v, float) and math.isnan(v)) for r in rows for v in r.values())
+
+
+def _row(method: str, k: int, mode: str, agreement: float, margin: float, kl: float) -> dict:
+    return {"method": method, "k": k, "positions": mode, "agreement": agreement,
+            "margin_mae": margin, "first_token_kl": kl, "top1_agreement": 1.0}  # fmt: skip
+
+
+def test_positions_summary_orders_agreement_then_margin_then_kl() -> None:
+    from eval.report import positions_summary, positions_text
+
+    ref = _row("none", 99, "original", 1.0, 0.0, 0.0)
+    rows = [
+        ref,
+        _row("gram", 16, "original", 0.9, 0.5, 0.1),
+        _row("gram", 16, "compact", 0.8, 0.1, 0.01),  # closer logits, fewer equal answers
+        _row("gram", 64, "original", 1.0, 0.2, 0.1),
+        _row("gram", 64, "compact", 1.0, 0.1, 0.2),  # same answers: the margin decides
+    ]
+    s = positions_summary(rows)
+    assert s["closer"] == "original" and s["decided_by"] == "agreement" and s["pairs"] == 2
+    assert s["modes"]["original"]["agreement"] == pytest.approx(0.95)
+    assert s["modes"]["original"]["closer_on"] == 1 and s["modes"]["compact"]["closer_on"] == 1
+    assert "closer to the unpruned model: original (by agreement" in positions_text(s)
+    same_answers = [ref, rows[3], rows[4]]
+    s = positions_summary(same_answers)
+    assert (s["closer"], s["decided_by"]) == ("compact", "margin_mae")
+    text_mode = [{**r, "margin_mae": None} for r in same_answers]  # --answer text: no margins
+    s = positions_summary(text_mode)
+    assert (s["closer"], s["decided_by"]) == ("original", "first_token_kl")
+    assert positions_summary([ref, rows[1], rows[3]]) == {}  # one mode: nothing to compare
