@@ -95,7 +95,7 @@ def measure(pipe: Pipeline, image: Image.Image, reps: int, new: int, warm: bool)
             rows.append(row)
     out = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     grid = pixels[0][1][0]
-    out["grid"] = f"{grid[1] * 14}x{grid[2] * 14}"
+    out["grid"] = f"{grid[2] * 14}x{grid[1] * 14}"  # W x H, as the sizes are named
     out["image_tokens_unpruned"] = int(grid[1] * grid[2] // 4)
     out["image_tokens"] = pipe.image_tokens(pixels)[0]
     out["prompt_tokens"] = len(ids)

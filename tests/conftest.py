@@ -91,6 +91,37 @@ def qwen_model(tiny_qwen: Path):
     ).eval()
 
 
+# Tiny Qwen2.5-VL bundles the test modules share (each exported once per session, on demand).
+QWEN_BUNDLES = {
+    "all": ["--method", "none"],
+    "16": ["--k", "16"],
+    "64": ["--k", "64"],
+    "16c": ["--k", "16", "--positions", "compact"],
+    "fixed16": ["--k", "16", "--image-size", "448x448"],
+}
+
+
+@pytest.fixture(scope="session")
+def qwen_bundle(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory):
+    """qwen_bundle(name) -> the tiny Qwen2.5-VL bundle QWEN_BUNDLES[name], exported the first
+    time it is asked for, at <root>/tiny-qwen2.5-vl-k<name> (bench.qwen_profile's naming);
+    qwen_bundle.root is that folder. Tests must not modify these bundles (copy them first)."""
+    from export.__main__ import cli
+
+    root = tmp_path_factory.mktemp("qwen-bundles")
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            out = root / f"{tiny_qwen.name}-k{name}"
+            assert cli(["-m", str(tiny_qwen), "-o", str(out), *QWEN_BUNDLES[name]]) == 0
+            made[name] = out
+        return made[name]
+
+    get.root = root
+    return get
+
+
 @pytest.fixture(scope="session")
 def clip_pixels(tiny_clip: Path, photo_paths: list[Path]) -> np.ndarray:
     """(3, 3, 336, 336) float32: the real photos through the tiny CLIP checkpoint's processor."""

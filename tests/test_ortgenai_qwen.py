@@ -19,8 +19,6 @@ import numpy as np
 import onnx
 import pytest
 
-from export.__main__ import cli as export_cli
-from export.bundle import write_manifest
 from export.genai import (
     GN_PROCESSOR,
     QWEN_MODEL_TYPE,
@@ -57,17 +55,10 @@ example = _load_example()
 
 
 @pytest.fixture(scope="module")
-def bundle(models_root: Path, tmp_path_factory) -> Path:
-    """The tiny unpruned Qwen bundle with ORT GenAI's files written into it."""
-    from svdprune_onnx.tiny_qwen import ensure_tiny_qwen25vl
-
-    out = tmp_path_factory.mktemp("ortgenai-qwen") / "none"
-    ckpt = ensure_tiny_qwen25vl(models_root)
-    assert export_cli(["-m", str(ckpt), "--method", "none", "-o", str(out)]) == 0
-    manifest = load_manifest(out)
-    if manifest.get(C.KEY_GENAI) is None:  # the export does not call the writer (yet)
-        write_genai_qwen(out, manifest)
-        write_manifest(out, manifest)
+def bundle(qwen_bundle) -> Path:
+    """The session's tiny unpruned Qwen bundle (the export writes ORT GenAI's files into it)."""
+    out = qwen_bundle("all")
+    assert load_manifest(out)[C.KEY_GENAI][C.GN_UNSUPPORTED] is None
     return out
 
 

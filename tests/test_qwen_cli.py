@@ -25,19 +25,13 @@ def ckpt(models_root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(ckpt: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("qcli") / "k16"
-    assert export_cli(["-m", str(ckpt), "--k", "16", "-o", str(out)]) == 0
-    return out
+def bundle(qwen_bundle) -> Path:
+    return qwen_bundle("16")
 
 
 @pytest.fixture(scope="module")
-def fixed(ckpt: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("qcli") / "fixed"
-    assert (
-        export_cli(["-m", str(ckpt), "--k", "16", "--image-size", "448x448", "-o", str(out)]) == 0
-    )
-    return out
+def fixed(qwen_bundle) -> Path:
+    return qwen_bundle("fixed16")
 
 
 def test_manifest_records_the_family_choices(bundle: Path) -> None:

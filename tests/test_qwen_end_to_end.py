@@ -26,7 +26,6 @@ from transformers import (
     Qwen2VLImageProcessor,
 )
 
-from export.__main__ import cli
 from export.manifest import prune_config
 from export.qwen_decoder import qwen_causal_lm
 from runtime import contract as C
@@ -79,20 +78,9 @@ def images(photo_paths: list[Path]) -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def bundles(ckpt: Path, tmp_path_factory) -> dict:
+def bundles(qwen_bundle) -> dict:
     """{name: bundle}: unpruned, K=16 / K=64 (original positions), K=16 compact."""
-    root = tmp_path_factory.mktemp("qwen-bundles")
-    specs = {
-        "none": ["--method", "none"],
-        16: ["--k", "16"],
-        64: ["--k", "64"],
-        "16c": ["--k", "16", "--positions", C.POSITIONS_COMPACT],
-    }
-    out = {}
-    for name, extra in specs.items():
-        out[name] = root / f"q-{name}"
-        assert cli(["-m", str(ckpt), "-o", str(out[name]), *extra]) == 0
-    return out
+    return {name: qwen_bundle(str(name)) for name in ("all", 16, 64, "16c")}
 
 
 def _pipe(bundle: Path) -> Pipeline:
@@ -132,7 +120,7 @@ def _ours(pipe: Pipeline, images: list[Image.Image]) -> tuple[list, list, list]:
 def test_unpruned_equals_transformers_generate(bundles, model, processor, images) -> None:
     """Prompt ids, greedy tokens and every step's logits, image by image and as one batch of
     six images at six resolutions (left-padded, 16 to 1224 image tokens per row)."""
-    pipe = _pipe(bundles["none"])
+    pipe = _pipe(bundles["all"])
     refs = [_hf_generate(model, processor, im) for im in images]
     batch = _ours(pipe, images)
     for i, (im, (prompt, tokens, logits)) in enumerate(zip(images, refs, strict=True)):
@@ -187,7 +175,7 @@ def test_pruned_equals_torch_reference(bundles, model, images, name) -> None:
 def test_positions_follow_the_unpruned_image(bundles, images) -> None:
     """Original positions: the text after a pruned image starts where the unpruned image's does
     (its max + 1), so the answer's positions match the unpruned prompt's exactly."""
-    pruned, full = _pipe(bundles[16]), _pipe(bundles["none"])
+    pruned, full = _pipe(bundles[16]), _pipe(bundles["all"])
     for im in images[:3]:
         rows = []
         for pipe in (pruned, full):

@@ -40,7 +40,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.__main__ import cli as export_cli
 from export.transformersjs import adapt_qwen_for_transformersjs
 from runtime import contract as C
 from runtime.generate import Pipeline, Sampling
@@ -73,11 +72,10 @@ def ckpt(models_root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundles(ckpt: Path, tmp_path_factory) -> tuple[Path, Path]:
+def bundles(qwen_bundle, tmp_path_factory) -> tuple[Path, Path]:
     """(the exported unpruned bundle, a copy adapted for transformers.js)."""
     root = tmp_path_factory.mktemp("tjs-qwen")
-    out = root / "none"
-    assert export_cli(["-m", str(ckpt), "--method", "none", "-o", str(out)]) == 0
+    out = qwen_bundle("all")
     tjs_copy = root / "none-tjs"
     shutil.copytree(out, tjs_copy)
     manifest = json.loads((out / C.MANIFEST_FILE).read_text())
