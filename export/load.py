@@ -81,8 +81,9 @@ def checkpoint(model: Path | None, preset: str = "tiny", family: str | None = No
 
 def family_of(model: Path | None, family: str | None) -> str:
     """The family to export: the checkpoint's model_type (checked against --family), else
-    --family, else LLaVA."""
-    if model is None:
+    --family, else LLaVA. A -m without a config.json is not judged here: the export's loading
+    refuses it with the fix (and `--print-out` only names its bundle folder)."""
+    if model is None or not (Path(model) / C.HF_CONFIG).is_file():
         return family or C.FAMILY_LLAVA
     found = read_config(Path(model))["model_type"]
     if family is not None and family != found:

@@ -45,21 +45,12 @@ SIZES = [(448, 448), (300, 500), (200, 120)]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_qwen: Path) -> Path:
-    return tiny_qwen
-
-
-@pytest.fixture(scope="module")
-def model(qwen_model):
-    return qwen_model
-
-
-@pytest.fixture(scope="module")
-def processor(ckpt: Path) -> Qwen2_5_VLProcessor:
+def processor(tiny_qwen: Path) -> Qwen2_5_VLProcessor:
     """transformers' own processor. Its __init__ wants a video processor, which needs torchvision
     (not installed: it would pull CUDA wheels); images never touch it, so it is left out and the
     image-side attributes are set as __init__ sets them. __call__ and the chat template are
     transformers' code, unchanged."""
+    ckpt = tiny_qwen
     tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
     proc = Qwen2_5_VLProcessor.__new__(Qwen2_5_VLProcessor)
     proc.image_processor = Qwen2VLImageProcessor.from_pretrained(ckpt, local_files_only=True)
@@ -117,11 +108,11 @@ def _ours(pipe: Pipeline, images: list[Image.Image]) -> tuple[list, list, list]:
     return prompts, gen.new_tokens, np.stack(logits, 1)
 
 
-def test_unpruned_equals_transformers_generate(bundles, model, processor, images) -> None:
+def test_unpruned_equals_transformers_generate(bundles, qwen_model, processor, images) -> None:
     """Prompt ids, greedy tokens and every step's logits, image by image and as one batch of
     six images at six resolutions (left-padded, 16 to 1224 image tokens per row)."""
     pipe = _pipe(bundles["all"])
-    refs = [_hf_generate(model, processor, im) for im in images]
+    refs = [_hf_generate(qwen_model, processor, im) for im in images]
     batch = _ours(pipe, images)
     for i, (im, (prompt, tokens, logits)) in enumerate(zip(images, refs, strict=True)):
         for ours in (_ours(pipe, [im]), tuple(x[i : i + 1] for x in batch)):
@@ -159,7 +150,7 @@ def _torch_pruned(model, pipe: Pipeline, image: Image.Image, k: int, mode: str) 
 
 
 @pytest.mark.parametrize("name", [16, 64, "16c"])
-def test_pruned_equals_torch_reference(bundles, model, images, name) -> None:
+def test_pruned_equals_torch_reference(bundles, qwen_model, images, name) -> None:
     """K image tokens per image, each at its original (t, h, w) (or compact): the same kept
     tokens and greedy tokens as PyTorch, on every image (row by row and as a batch)."""
     pipe = _pipe(bundles[name])
@@ -167,7 +158,7 @@ def test_pruned_equals_torch_reference(bundles, model, images, name) -> None:
     batch = _ours(pipe, images)
     image = pipe.run_vision(pipe.preprocess(images))
     for i, im in enumerate(images):
-        kept, tokens = _torch_pruned(model, pipe, im, k, mode)
+        kept, tokens = _torch_pruned(qwen_model, pipe, im, k, mode)
         np.testing.assert_array_equal(image.kept[i], kept, err_msg=str(im.size))
         assert batch[1][i] == tokens, f"greedy tokens differ on {im.size} ({mode})"
 
