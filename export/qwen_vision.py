@@ -17,18 +17,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
-from export.lean import Weights, capture, finalize
+from export.lean import Weights, capture
 from export.vision import (
-    FORBIDDEN_OPS,
     OPSET,
     ExportValidationError,
-    _constants_to_initializers,
     cpu_session,
-    set_output_shapes,
+    finish_vision_graph,
 )
 from runtime import contract as C
 from runtime import parity as P
@@ -78,25 +75,16 @@ def export_qwen_vision(
             module, args, str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes,
             input_names=inputs, output_names=[C.IMAGE_FEATURES, C.KEPT_INDICES],
         )  # fmt: skip
-    model = onnx.load(str(path), load_external_data=False)  # lean: the weightless graph
-    _fix_output_shapes(model, module)
-    _constants_to_initializers(model)
-    onnx.save(model, str(path))
-    if lean:
-        finalize(path, captured, weights, C.VISION_ONNX)
-    onnx.checker.check_model(str(path), full_check=True)
-    bad = sorted({n.op_type for n in model.graph.node} & FORBIDDEN_OPS)
-    if bad:
-        raise ExportValidationError(f"vision graph contains control flow {bad}; cannot ship it")
+    finish_vision_graph(path, _output_shapes(module), captured if lean else None, weights)
 
 
-def _fix_output_shapes(model: onnx.ModelProto, module: PrunedQwenVision) -> None:
+def _output_shapes(module: PrunedQwenVision) -> dict[str, list]:
     # TorchScript names derived axes "Gatherimage_features_dim_0"; state the real ones.
     if module.prune.method != NONE:
         rows = module.prune.k
     else:
         rows = module.prune.n if module.fixed else C.AXIS_IMAGE_TOKENS
-    set_output_shapes(model, {C.IMAGE_FEATURES: [rows, module.out_dim], C.KEPT_INDICES: [rows]})
+    return {C.IMAGE_FEATURES: [rows, module.out_dim], C.KEPT_INDICES: [rows]}
 
 
 def run_qwen_vision(

@@ -85,11 +85,19 @@ def export_vision(
             )  # fmt: skip
         else:
             raise ValueError(f"unknown exporter {exporter!r}; choose from {EXPORTERS}")
+    shapes = _output_shapes(module.prune.k, module.out_dim, batch)
+    finish_vision_graph(path, shapes, captured if lean else None, weights)
+
+
+def finish_vision_graph(path: Path, shapes: dict, captured: dict | None, weights) -> None:
+    """The traced vision graph at `path` made shippable (both families): output shapes stated,
+    Constant nodes as initializers, lean weights streamed in (`captured`: export/lean.py
+    capture(), None when the trace held real weights), checker-clean, no control flow."""
     model = onnx.load(str(path), load_external_data=False)  # lean: the weightless graph
-    _fix_output_shapes(model, module.prune.k, module.out_dim, batch)
+    set_output_shapes(model, shapes)
     _constants_to_initializers(model)
     onnx.save(model, str(path))
-    if lean:
+    if captured is not None:
         finalize(path, captured, weights, C.VISION_ONNX)
     onnx.checker.check_model(str(path), full_check=True)
     bad = sorted({n.op_type for n in model.graph.node} & FORBIDDEN_OPS)
@@ -115,11 +123,11 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
     model.graph.node.extend(keep)
 
 
-def _fix_output_shapes(model: onnx.ModelProto, k: int, dim: int, batch: int | None) -> None:
+def _output_shapes(k: int, dim: int, batch: int | None) -> dict[str, list]:
     # TorchScript names derived axes "Addimage_features_dim_1"; K and D are static, and clients
     # (TensorRT, transformers.js) read these shapes, so state them.
     b = C.AXIS_BATCH if batch is None else batch
-    set_output_shapes(model, {C.IMAGE_FEATURES: [b, k, dim], C.KEPT_INDICES: [b, k]})
+    return {C.IMAGE_FEATURES: [b, k, dim], C.KEPT_INDICES: [b, k]}
 
 
 def set_output_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> None:
