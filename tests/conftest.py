@@ -101,6 +101,35 @@ QWEN_BUNDLES = {
 }
 
 
+LLAVA_BUNDLES = {  # name -> export flags for tiny_clip (llava_bundle)
+    "16": ["--k", "16"],
+    # `norm` scoring opens in milliseconds where the unrolled iterations take seconds: for tests
+    # about everything but the scores (serving, prompts, input handling)
+    "16norm": ["--k", "16", "--method", "norm"],
+    "16orig": ["--k", "16", "--positions", "original"],
+}
+
+
+@pytest.fixture(scope="session")
+def llava_bundle(tiny_clip: Path, tmp_path_factory: pytest.TempPathFactory):
+    """llava_bundle(name) -> the tiny LLaVA (CLIP x Llama) bundle LLAVA_BUNDLES[name], exported
+    the first time it is asked for. Tests must not modify these bundles (copy them first)."""
+    from export.__main__ import cli
+
+    root = tmp_path_factory.mktemp("llava-bundles")
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            out = root / f"{tiny_clip.name}-k{name}"
+            assert cli(["-m", str(tiny_clip), "-o", str(out), *LLAVA_BUNDLES[name]]) == 0
+            made[name] = out
+        return made[name]
+
+    get.root = root
+    return get
+
+
 @pytest.fixture(scope="session")
 def qwen_bundle(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory):
     """qwen_bundle(name) -> the tiny Qwen2.5-VL bundle QWEN_BUNDLES[name], exported the first
