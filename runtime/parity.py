@@ -42,17 +42,24 @@ def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def kept_agreement(kept: np.ndarray, ref_kept: np.ndarray) -> np.ndarray:
-    """(B,) share of each image's kept indices that the reference kept too."""
+    """(B,) share of each image's kept indices that the reference kept too. Rows padded with -1
+    (a batch of images with different counts) count their real indices only."""
     kept, ref_kept = np.asarray(kept), np.asarray(ref_kept)
-    k = ref_kept.shape[1]
-    return np.array([len(np.intersect1d(a, b)) / k for a, b in zip(kept, ref_kept, strict=True)])
+    return np.array([
+        len(np.intersect1d(a[a >= 0], b[b >= 0])) / max(int((b >= 0).sum()), 1)
+        for a, b in zip(kept, ref_kept, strict=True)
+    ])  # fmt: skip
 
 
 def kept_mass(kept: np.ndarray, ref_kept: np.ndarray, ref_scores: np.ndarray) -> np.ndarray:
     """(B,) reference score mass on `kept` over the mass on `ref_kept` (1 where it is zero)."""
     s = np.clip(np.nan_to_num(np.asarray(ref_scores, np.float64)), 0.0, None)  # (B, N)
-    got = np.take_along_axis(s, np.asarray(kept), axis=1).sum(axis=1)
-    best = np.take_along_axis(s, np.asarray(ref_kept), axis=1).sum(axis=1)
+    kept, ref_kept = np.asarray(kept), np.asarray(ref_kept)
+
+    def mass(idx: np.ndarray) -> np.ndarray:  # -1 padding carries no mass
+        return np.where(idx >= 0, np.take_along_axis(s, np.maximum(idx, 0), axis=1), 0).sum(1)
+
+    got, best = mass(kept), mass(ref_kept)
     return np.where(best > 0, got / np.where(best > 0, best, 1.0), 1.0)
 
 
