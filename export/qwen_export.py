@@ -95,7 +95,7 @@ def prompt_section(src: Path, image_token: str) -> dict:
     }
 
 
-def vision_section(model, processor, fixed: tuple[int, int] | None) -> dict:
+def vision_section(src: Path, model, processor, fixed: tuple[int, int] | None) -> dict:
     """The preprocessing facts (runtime/preprocess_qwen.py) and the tower's."""
     from export.processor import ImageProcessorError
     from runtime.preprocess_qwen import vision_from_processor
@@ -106,7 +106,26 @@ def vision_section(model, processor, fixed: tuple[int, int] | None) -> dict:
         raise ImageProcessorError(str(e)) from e
     facts[C.V_FIXED_SIZE] = list(fixed) if fixed else None
     facts[C.V_TOWER] = model.config.vision_config.model_type
-    return facts
+    return facts | video_facts(src, model)
+
+
+# transformers 4.57 Qwen2VLVideoProcessor's class defaults (size shortest/longest edge): what a
+# checkpoint without video_preprocessor_config.json gets from AutoVideoProcessor
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
+
+
+def video_facts(src: Path, model) -> dict:
+    """Video preprocessing and time positions (runtime/preprocess_qwen.preprocess_qwen_video)."""
+    import json
+
+    cfg_file = src / "video_preprocessor_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    size = cfg.get("size") or {}
+    return {
+        C.V_VIDEO_MIN_PIXELS: int(cfg.get("min_pixels") or size.get("shortest_edge") or VIDEO_MIN_PIXELS),
+        C.V_VIDEO_MAX_PIXELS: int(cfg.get("max_pixels") or size.get("longest_edge") or VIDEO_MAX_PIXELS),
+        C.V_TOKENS_PER_SECOND: int(model.config.vision_config.tokens_per_second),
+    }
 
 
 def samples(processor, vision: dict, photos: list[Path], min_tokens: int) -> tuple[list, dict]:
@@ -200,7 +219,7 @@ def main_qwen(args: argparse.Namespace) -> Path:
     )  # fmt: skip
     check_rank(prune)
     module = QV.PrunedQwenVision(model, prune, site=args.score_site, fixed_size=fixed).eval()
-    vision = vision_section(model, processor, fixed)
+    vision = vision_section(src, model, processor, fixed)
     photos = args.image or sorted(SHARED_IMAGES.glob("*"))
     inputs, pixel_check = samples(processor, vision, photos, module.min_tokens)
     # the device self-test's photos, each at its own (thumbnail) size
@@ -209,6 +228,7 @@ def main_qwen(args: argparse.Namespace) -> Path:
     lm = qwen_causal_lm(model)
     image_token = processor_token(src, model.config.image_token_id)
     prompt = prompt_section(src, image_token)
+    prompt[C.PR_VIDEO] = processor_token(src, model.config.video_token_id)
     done(t, f"{src} | {'N per image' if not fixed else f'N={n}'} -> "
             f"{'all' if prune.method == NONE else f'K={prune.k}'} | {prune.method} "
             f"r={prune.rank} at {args.score_site}")  # fmt: skip
@@ -254,10 +274,12 @@ def main_qwen(args: argparse.Namespace) -> Path:
                 C.P_SITE_CHOICE: QV.SITE_CHOICE,
                 C.P_MIN_TOKENS: module.min_tokens,
                 C.P_N_MAX: module.n_max,
+                C.P_VIDEO: C.VIDEO_PER_SLICE,
             },
             C.KEY_VISION: vision,
             C.KEY_TEXT: {
                 C.T_IMAGE_TOKEN_ID: int(model.config.image_token_id),
+                C.T_VIDEO_TOKEN_ID: int(model.config.video_token_id),
                 C.T_IMAGE_TOKENS: None if prune.method == NONE else prune.k,
                 **text_facts(model),
             },

@@ -7,7 +7,8 @@ from runtime.generate import Pipeline, PromptError
 
 
 def render(pipe: Pipeline, turns: list[dict]) -> str:
-    """Conversation text for `turns` [{role, text}], the image in the first user turn."""
+    """Conversation text for `turns`: [{role, text}] (the image in the first user turn), or HF
+    messages [{role, content: [{"type": "image" | "video" | "text", ...}]}] as they are."""
     template = pipe.prompt_cfg.get(C.PR_CHAT)
     if not template:
         raise PromptError("this bundle has no chat template; ask one question with -p instead")
@@ -16,6 +17,9 @@ def render(pipe: Pipeline, turns: list[dict]) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     messages = []
     for i, t in enumerate(turns):
+        if "content" in t:
+            messages.append({"role": t["role"], "content": t["content"]})
+            continue
         content = [{"type": "text", "text": t["text"]}]
         if i == 0:
             content.insert(0, {"type": "image"})

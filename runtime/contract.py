@@ -274,6 +274,18 @@ V_FIXED_SIZE = "fixed_size"
 # The vision keys only a Qwen2.5-VL bundle carries (LLaVA readers, e.g. preprocess.mjs, never see
 # them; V_PATCH_SIZE is written for both families).
 QWEN_VISION_KEYS = (V_MIN_PIXELS, V_MAX_PIXELS, V_TEMPORAL_PATCH, V_MERGE_SIZE, V_FIXED_SIZE)
+# Videos (Qwen2.5-VL): each frame smart-resized with these instead of V_MIN/MAX_PIXELS (the
+# checkpoint's video_preprocessor_config.json, else Qwen2VLVideoProcessor's defaults), and the
+# M-RoPE time step: t index = slice * int(temporal_patch_size / fps) * V_TOKENS_PER_SECOND.
+V_VIDEO_MIN_PIXELS = "video_min_pixels"
+V_VIDEO_MAX_PIXELS = "video_max_pixels"
+V_TOKENS_PER_SECOND = "tokens_per_second"
+T_VIDEO_TOKEN_ID = "video_token_id"  # text.*: the token a video block repeats (Qwen2.5-VL)
+PR_VIDEO = "video_placeholder"  # prompt.*: the chat template's video token (Qwen2.5-VL)
+# pruning.video: how a video's tokens are pruned. VIDEO_PER_SLICE: K per temporal slice (the
+# image graph on each slice of temporal_patch_size frames; LLaVA: K per frame, each an image).
+P_VIDEO = "video"
+VIDEO_PER_SLICE = "per_slice"
 # The Qwen vision graph's second input, beside PIXEL_VALUES ((patches, C*T*P*P) float32 there):
 IMAGE_GRID_THW = "image_grid_thw"  # (num_images, 3) int64: (t, h, w) patches per image
 

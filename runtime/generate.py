@@ -170,8 +170,9 @@ class Pipeline:
         return image[0][i : i + 1], image[1][i : i + 1]
 
     def image_counts(self, image) -> list[int]:
-        """Image tokens per row of a vision output (run_vision's)."""
-        return [int(c) for c in image.counts] if self.qwen else [self.k] * len(image[1])
+        """Image tokens per row of a vision output (run_vision's or runtime.rows.run's; LLaVA
+        rows of several images pad kept with -1)."""
+        return [int(c) for c in image.counts] if self.qwen else (image[1] >= 0).sum(1).tolist()
 
     def positions(self, ids: np.ndarray, mask: np.ndarray, image) -> np.ndarray:
         """(rows, B, S) position ids of new tokens from 0: LLaVA (1, B, S) compact, or kept image
@@ -184,11 +185,13 @@ class Pipeline:
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         if self.m[C.KEY_PRUNING].get(C.P_POSITIONS) != C.POSITIONS_ORIGINAL:
             return pos
-        n = self.m[C.KEY_PRUNING][C.P_N]
+        n, k = self.m[C.KEY_PRUNING][C.P_N], self.k
         for b in range(len(ids)):
             img = np.nonzero(ids[b] == self.text[C.T_IMAGE_TOKEN_ID])[0]
-            pos[b, img] = pos[b, img[0]] + kept[b]
-            pos[b, img[-1] + 1 :] += n - self.k  # text after the image starts at offset N
+            for j in range(len(img) // k):  # each image a block of K tokens, in prompt order
+                cols = img[j * k : (j + 1) * k]
+                pos[b, cols] = pos[b, cols[0]] + kept[b, j * k : (j + 1) * k]
+                pos[b, cols[-1] + 1 :] += n - k  # text after the image starts at offset N
         return pos
 
     # --- the loop --------------------------------------------------------------------------

@@ -32,14 +32,17 @@ if TYPE_CHECKING:
 
 
 def scatter_features(
-    embeds: np.ndarray, ids: np.ndarray, lo: int, features: np.ndarray | None, image_id: int
+    embeds: np.ndarray, ids: np.ndarray, lo: int, features: np.ndarray | None, image_id
 ) -> np.ndarray:
     """Write image features into `embeds` (B, L-lo, D), the embeddings of ids[:, lo:], in place:
     the k-th image token of row b (counted over the whole row of `ids` (B, L)) gets
-    features[b, k] ((B, K, D)). Returns `embeds`."""
-    img = ids[:, lo:] == image_id
+    features[b, k] ((B, K, D)). `image_id`: the image token id, or an array of media token ids
+    (Qwen's image and video tokens: one count over both, items in prompt order). Returns
+    `embeds`."""
+    media = np.isin(ids, image_id)
+    img = media[:, lo:]
     if img.any():
-        rank = np.cumsum(ids == image_id, axis=1)[:, lo:] - 1  # k of each token
+        rank = np.cumsum(media, axis=1)[:, lo:] - 1  # k of each token
         rows = np.nonzero(img)[0]
         embeds[img] = features[rows, rank[img]]
     return embeds
@@ -61,7 +64,9 @@ class Generator:
         t = pipe.text
         self.pad = t[C.T_PAD] if t[C.T_PAD] is not None else 0
         self.eos = set(t[C.T_EOS])
-        self.image_id = t[C.T_IMAGE_TOKEN_ID]
+        from runtime.rows import media_ids
+
+        self.image_id = np.array(sorted(media_ids(pipe.m)))  # image (and video) token ids
         dec = pipe.decoder
         self.binding = dec.io_binding()
         self.out_names = [o.name for o in dec.get_outputs()]
@@ -127,7 +132,7 @@ class Generator:
         mask = np.zeros((self.batch, n), np.int64)
         for b, r in enumerate(rows):
             new[b, n - len(r) :], mask[b, n - len(r) :] = r, 1
-        img = new == self.image_id
+        img = np.isin(new, self.image_id)
         # each row continues after its largest position (M-RoPE: the rows differ in an image)
         start = self.positions.max(axis=(0, 2)) + 1 if self.length else np.zeros(self.batch, int)
         if img.any():
@@ -167,7 +172,8 @@ class Generator:
         have, ids = self.sequence(0), [int(i) for i in ids]
         pairs = enumerate(zip(have, ids, strict=False))
         common = next((i for i, (a, b) in pairs if a != b), min(len(have), len(ids)))
-        image_end = max((i + 1 for i, t in enumerate(ids) if t == self.image_id), default=0)
+        media = set(self.image_id.tolist())
+        image_end = max((i + 1 for i, t in enumerate(ids) if t in media), default=0)
         if common < image_end or common == 0:  # the image itself changed: start over
             self.reset()
             self.append_tokens([ids], image=image)

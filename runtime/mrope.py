@@ -29,7 +29,8 @@ the merged grid, row-major over (t, h / merge, w / merge)):
 Differences from transformers: images are found as runs of image_token_id (transformers counts
 vision_start tokens followed by one; equal for the chat template's prompts); a row of one valid
 token with padding and no grid gets delta 1 - S here, 2 - S there (its text-only branch counts
-the padding's 1 in the maximum); videos are not handled.
+the padding's 1 in the maximum); videos (grids with t > 1, their t_steps) are handled as
+transformers does with second_per_grid_ts.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ class PositionError(ValueError):
 PAD_POSITION = 1  # what transformers writes at padding (attention_mask 0)
 
 
-def grid_positions(grid_thw, merge_size: int) -> np.ndarray:
+def grid_positions(grid_thw, merge_size: int, t_step: int = 0) -> np.ndarray:
     """(3, N) int64: (t, h, w) of each token of an unpruned image, N = t * h/m * w/m, row-major.
 
     `grid_thw` is (t, h, w) in patches (the vision graph's image_grid_thw row); h and w must be
-    multiples of `merge_size`. The t row is 0 throughout, as transformers computes for images.
+    multiples of `merge_size`. The t row is slice * t_step: 0 for an image (t = 1), a video's
+    int(second_per_grid_t) * tokens_per_second (runtime.rows.t_step), as transformers computes.
     """
     t, h, w = (int(v) for v in np.asarray(grid_thw).reshape(-1))
     if min(t, h, w) < 1 or h % merge_size or w % merge_size:
@@ -59,17 +61,24 @@ def grid_positions(grid_thw, merge_size: int) -> np.ndarray:
             "pass the image's image_grid_thw row (patches, h and w multiples of the merge size)"
         )
     gh, gw = h // merge_size, w // merge_size
-    # t index = frame * second_per_grid_t * tokens_per_second with second_per_grid_t = 0 (images)
-    t_idx = np.zeros(t * gh * gw, np.int64)
+    # t index = slice * second_per_grid_t * tokens_per_second (t_step; images: slice 0 only)
+    t_idx = np.repeat(np.arange(t, dtype=np.int64) * int(t_step), gh * gw)
     h_idx = np.broadcast_to(np.arange(gh)[None, :, None], (t, gh, gw)).reshape(-1)
     w_idx = np.broadcast_to(np.arange(gw)[None, None, :], (t, gh, gw)).reshape(-1)
     return np.stack([t_idx, h_idx, w_idx]).astype(np.int64)
 
 
-def _kept(kept_indices, n_images: int) -> np.ndarray | None:
-    """kept_indices as (num_images, K) int64, or None."""
+def _kept(kept_indices, n_images: int) -> np.ndarray | list | None:
+    """kept_indices as (num_images, K) int64 (or a list of one 1-D array per image), or None."""
     if kept_indices is None:
         return None
+    if isinstance(kept_indices, list) and kept_indices and np.ndim(kept_indices[0]) == 1:
+        if len(kept_indices) != n_images:
+            raise PositionError(
+                f"kept_indices has {len(kept_indices)} arrays for {n_images} images in grid_thw; "
+                "pass one per image, in prompt order"
+            )
+        return [np.asarray(k, dtype=np.int64) for k in kept_indices]
     kept = np.asarray(kept_indices, dtype=np.int64)
     kept = kept[None] if kept.ndim == 1 else kept
     if kept.ndim != 2 or kept.shape[0] != n_images:
@@ -80,10 +89,10 @@ def _kept(kept_indices, n_images: int) -> np.ndarray | None:
     return kept
 
 
-def _image_block(grid, merge_size: int, kept, mode: str) -> tuple[np.ndarray, int]:
-    """One image's position offsets (3, count) from its first token, and the offset of the
-    position after it (text after the image starts there)."""
-    full = grid_positions(grid, merge_size)  # (3, N)
+def _image_block(grid, merge_size: int, kept, mode: str, t_step: int) -> tuple[np.ndarray, int]:
+    """One image's (or video's) position offsets (3, count) from its first token, and the
+    offset of the position after it (text after the image starts there)."""
+    full = grid_positions(grid, merge_size, t_step)  # (3, N)
     n = full.shape[1]
     if kept is not None:
         if kept.size and (kept[0] < 0 or kept[-1] >= n or np.any(np.diff(kept) <= 0)):
@@ -101,12 +110,13 @@ def _image_block(grid, merge_size: int, kept, mode: str) -> tuple[np.ndarray, in
     return block, int(full.max()) + 1  # original: continue after the *unpruned* image
 
 
-def _row(ids: np.ndarray, image_token_id: int, grids, kept, merge_size: int, mode: str, row: int):
-    """Positions (3, len(ids)) of one unpadded row and the next position; consumes grids/kept
-    (iterators over images in prompt order)."""
+def _row(ids: np.ndarray, media: list[int], grids, kept, steps, merge_size: int, mode: str,
+         row: int):  # fmt: skip
+    """Positions (3, len(ids)) of one unpadded row and the next position; consumes grids/kept/
+    steps (iterators over images and videos in prompt order)."""
     parts: list[np.ndarray] = []
     nxt, st = 0, 0
-    is_image = ids == image_token_id
+    is_image = np.isin(ids, media)
     while st < len(ids):
         hits = np.flatnonzero(is_image[st:])
         if hits.size == 0:
@@ -119,7 +129,7 @@ def _row(ids: np.ndarray, image_token_id: int, grids, kept, merge_size: int, mod
                 f"row {row} holds more images than grid_thw has rows: pass one (t, h, w) row "
                 "per image, in prompt order"
             )
-        block, after = _image_block(grid, merge_size, next(kept, None), mode)
+        block, after = _image_block(grid, merge_size, next(kept, None), mode, next(steps, 0))
         count = block.shape[1]
         run = ed + int(np.argmin(np.append(is_image[ed:], False)))  # end of this token run
         if run - ed != count:
@@ -138,13 +148,14 @@ def _row(ids: np.ndarray, image_token_id: int, grids, kept, merge_size: int, mod
 
 def rope_index(
     input_ids: np.ndarray,
-    image_token_id: int,
+    image_token_id: int | set[int],
     grid_thw: np.ndarray | None = None,
     *,
     merge_size: int = 2,
     attention_mask: np.ndarray | None = None,
-    kept_indices: np.ndarray | None = None,
+    kept_indices: np.ndarray | list | None = None,
     mode: str = C.POSITIONS_ORIGINAL,
+    t_steps: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The prompt's position rows: (position_ids (3, B, S) int64, deltas (B, 1) int64).
 
@@ -152,7 +163,10 @@ def rope_index(
     (K with kept_indices); grid_thw (num_images, 3) (or (3,)): each image's (t, h, w) in patches,
     images in prompt order, row 0 first; attention_mask (B, S), 0 = padding (left or right);
     kept_indices (num_images, K) (or (K,)): ascending indices into each merged grid, None =
-    unpruned; mode: C.POSITIONS_ORIGINAL or C.POSITIONS_COMPACT (module docstring).
+    unpruned, or a list of one 1-D array per image (videos: indices over the whole grid);
+    mode: C.POSITIONS_ORIGINAL or C.POSITIONS_COMPACT (module docstring); image_token_id may be
+    a set (Qwen's image and video tokens: each run of them is the next grid's); t_steps
+    (num_images,): each grid's time step per slice (0 for images; None: all 0).
     Raises PositionError when the tokens, grids and indices disagree.
     """
     if mode not in C.POSITIONS_CHOICES:
@@ -169,14 +183,16 @@ def rope_index(
     grids_arr = grids_arr.reshape(-1, 3)
     kept_arr = _kept(kept_indices, len(grids_arr))
     grids, kept = iter(grids_arr), iter(() if kept_arr is None else kept_arr)
+    steps = iter(() if t_steps is None else np.asarray(t_steps).reshape(-1).tolist())
+    media = sorted(image_token_id) if isinstance(image_token_id, set) else [image_token_id]
     if grid_thw is None and mode == C.POSITIONS_COMPACT:
-        image_token_id = -1  # nothing to check: image tokens count as sequence positions
+        media = []  # nothing to check: image tokens count as sequence positions
     positions = np.full((3, *ids.shape), PAD_POSITION, np.int64)
     deltas = np.zeros((ids.shape[0], 1), np.int64)
     for b in range(ids.shape[0]):
         if not mask[b].any():
             raise PositionError(f"row {b} has no tokens (attention_mask all 0): drop the row")
-        pos, nxt = _row(ids[b, mask[b]], image_token_id, grids, kept, merge_size, mode, b)
+        pos, nxt = _row(ids[b, mask[b]], media, grids, kept, steps, merge_size, mode, b)
         positions[:, b, mask[b]] = pos
         deltas[b, 0] = nxt - ids.shape[1]  # next position - padded length
     if next(grids, None) is not None:

@@ -164,7 +164,17 @@ def patchify(pixels: np.ndarray, patch_size: int, temporal_patch_size: int, merg
     return x.reshape(gh * gw, c * t * p * p), np.array([[1, gh, gw]], dtype=np.int64)
 
 
-def _pipeline(rgb: Image.Image, size: tuple[int, int] | None, f: Mapping):
+def patchify_slice(frames: np.ndarray, patch_size: int, merge_size: int):
+    """(T, H, W, C) -> (pixel_values (H*W / P^2, C*T*P*P), image_grid_thw (1, 3)): T distinct
+    frames as one temporal slice of a video, in Qwen2VLImageProcessor's element order."""
+    t, h, w, c = frames.shape
+    p, m = patch_size, merge_size
+    gh, gw = h // p, w // p
+    x = frames.reshape(t, gh // m, m, p, gw // m, m, p, c).transpose(1, 4, 2, 5, 7, 0, 3, 6)
+    return x.reshape(gh * gw, c * t * p * p), np.array([[1, gh, gw]], dtype=np.int64)
+
+
+def _pipeline(rgb: Image.Image, size: tuple[int, int] | None, f: Mapping, patch: bool = True):
     if size is not None:
         if size[0] * size[1] > MAX_PIXELS:
             raise ImageError(
@@ -177,6 +187,8 @@ def _pipeline(rgb: Image.Image, size: tuple[int, int] | None, f: Mapping):
     x = (np.asarray(rgb).astype(np.float64) * f[C.V_RESCALE]).astype(np.float32)
     if f[C.V_DO_NORMALIZE]:
         x = (x - f[C.V_IMAGE_MEAN]) / f[C.V_IMAGE_STD]  # (H, W, 3) float32, transformers' order
+    if not patch:
+        return x
     return patchify(x, f[C.V_PATCH_SIZE], f[C.V_TEMPORAL_PATCH], f[C.V_MERGE_SIZE])
 
 
@@ -214,6 +226,38 @@ def preprocess_qwen(
         floor = max(f[C.V_MIN_PIXELS], min_tokens * step * step)
         size = smart_resize(rgb.height, rgb.width, step, floor, f[C.V_MAX_PIXELS])
     return _pipeline(rgb, size, f)
+
+
+def preprocess_qwen_video(
+    frames: Sequence[Image.Image], vision: Mapping, min_tokens: int = 1
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One video -> its temporal slices [(pixel_values, image_grid_thw (1, 3))], each T frames
+    (temporal_patch_size; the last frame repeated to fill the last slice), as the slow
+    processor's `videos=` path computes the clip's rows (t-major: slice s is rows s*h*w..).
+    Every frame is resized to the size smart_resize gives the first one, with the video's
+    min/max pixels (manifest V_VIDEO_MIN_PIXELS / V_VIDEO_MAX_PIXELS). The vision tower attends
+    within one slice only (transformers' cu_seqlens repeat h*w per t), so each slice runs
+    through the image graph on its own and the clip equals transformers' video features."""
+    if C.V_VIDEO_MAX_PIXELS not in vision:
+        raise ImageError(
+            "this bundle's manifest has no video settings; re-export it with this version "
+            "of svdprune-onnx to pass videos"
+        )
+    f = _facts(vision)
+    if not frames:
+        raise ImageError("a video with no frames; pass at least one frame")
+    rgb = [_rgb(im) for im in frames]
+    step, t = f[C.V_PATCH_SIZE] * f[C.V_MERGE_SIZE], f[C.V_TEMPORAL_PATCH]
+    if f[C.V_FIXED_SIZE] is not None:
+        size = f[C.V_FIXED_SIZE]
+    else:
+        floor = max(int(vision[C.V_VIDEO_MIN_PIXELS]), min_tokens * step * step)
+        size = smart_resize(rgb[0].height, rgb[0].width, step, floor, vision[C.V_VIDEO_MAX_PIXELS])
+    # (H, W, C) float32 per frame: the still-image pipeline without its patching
+    xs = [_pipeline(im, size, f, patch=False) for im in rgb]
+    xs += [xs[-1]] * (-len(xs) % t)
+    p, m = f[C.V_PATCH_SIZE], f[C.V_MERGE_SIZE]
+    return [patchify_slice(np.stack(xs[i : i + t]), p, m) for i in range(0, len(xs), t)]
 
 
 def preprocess_qwen_fixed(

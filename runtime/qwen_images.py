@@ -23,7 +23,7 @@ from runtime import contract as C
 from runtime.mrope import rope_index
 from runtime.preprocess import ImageError
 from runtime.preprocess_qwen import merged_tokens, preprocess_qwen
-from runtime.qwen_vision_inputs import GridError, check_inputs
+from runtime.qwen_vision_inputs import check_inputs
 
 Sample = tuple[np.ndarray, np.ndarray]  # (pixel_values, image_grid_thw (1, 3))
 
@@ -31,22 +31,39 @@ Sample = tuple[np.ndarray, np.ndarray]  # (pixel_values, image_grid_thw (1, 3))
 @dataclass(frozen=True)
 class QwenImages:
     """One batch's vision output: features (B, K_max, D) float32, kept (B, K_max) int64 (-1 =
-    padding), grids (B, 3) int64, counts (B,) image tokens per row."""
+    padding), grids (items, 3) int64, counts (B,) image tokens per row. One image per row, or
+    (runtime.rows) `per_row` (B,) items per row, each with `item_tokens` tokens and a time step
+    `t_steps` (videos), a video's kept indices counting over its whole (T, h, w) merged grid."""
 
     features: np.ndarray
     kept: np.ndarray
     grids: np.ndarray
     counts: np.ndarray
+    per_row: np.ndarray | None = None
+    item_tokens: np.ndarray | None = None
+    t_steps: np.ndarray | None = None
+
+    def items(self, b: int) -> range:
+        """Indices into grids / item_tokens / t_steps of row b's items."""
+        if self.per_row is None:
+            return range(b, b + 1)
+        start = int(self.per_row[:b].sum())
+        return range(start, start + int(self.per_row[b]))
 
     def __getitem__(self, i: int) -> np.ndarray:  # (features, kept) like LLaVA's pair
         return (self.features, self.kept)[i]
 
     def row(self, i: int) -> QwenImages:
         """Image `i` alone (its padding dropped)."""
-        n = int(self.counts[i])
+        n, its = int(self.counts[i]), self.items(i)
+        sub = slice(its.start, its.stop)
+        extra = {}
+        if self.per_row is not None:
+            extra = {"per_row": self.per_row[i : i + 1], "item_tokens": self.item_tokens[sub],
+                     "t_steps": self.t_steps[sub]}  # fmt: skip
         return QwenImages(
-            self.features[i : i + 1, :n], self.kept[i : i + 1, :n], self.grids[i : i + 1],
-            self.counts[i : i + 1],
+            self.features[i : i + 1, :n], self.kept[i : i + 1, :n], self.grids[sub],
+            self.counts[i : i + 1], **extra,
         )  # fmt: skip
 
 
@@ -98,14 +115,18 @@ def run_vision(session, samples: Sequence[Sample], manifest: dict) -> QwenImages
 def positions(manifest: dict, ids: np.ndarray, mask: np.ndarray, image: QwenImages) -> np.ndarray:
     """(3, B, S) M-RoPE rows of the new tokens `ids` (B, S) (left-padded, `mask`), counted from
     0, the kept tokens at their original (t, h, w) or compact, as the manifest says."""
+    from runtime.rows import media_ids
+
     mode = manifest[C.KEY_PRUNING].get(C.P_POSITIONS, C.POSITIONS_ORIGINAL)
-    image_id = manifest[C.KEY_TEXT][C.T_IMAGE_TOKEN_ID]
     pruned = manifest[C.KEY_TEXT][C.T_IMAGE_TOKENS] is not None
-    kept = [image.kept[b, : image.counts[b]] for b in range(len(ids))] if pruned else None
-    if kept is not None and len({len(k) for k in kept}) > 1:
-        raise GridError("a pruned batch holds the same K per image")
+    kept = []  # one (tokens,) array per item, in prompt order
+    for b in range(len(ids)):
+        its = image.items(b)
+        sizes = [int(image.counts[b])] if image.item_tokens is None else image.item_tokens[its]
+        kept += np.split(image.kept[b, : image.counts[b]], np.cumsum(sizes)[:-1])
     pos, _ = rope_index(
-        ids, image_id, image.grids, merge_size=manifest[C.KEY_VISION][C.V_MERGE_SIZE],
-        attention_mask=mask, kept_indices=None if kept is None else np.stack(kept), mode=mode,
+        ids, media_ids(manifest), image.grids, merge_size=manifest[C.KEY_VISION][C.V_MERGE_SIZE],
+        attention_mask=mask, kept_indices=kept if pruned else None, mode=mode,
+        t_steps=image.t_steps,
     )  # fmt: skip
     return pos

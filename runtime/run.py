@@ -3,6 +3,8 @@
     python -m runtime.run -m build/tiny-llava-k16 -i photo.jpg -p "What is in the image?"
     python -m runtime.run -m BUNDLE -i a.jpg -i b.jpg -p "Describe it." --json --timings
     python -m runtime.run -m BUNDLE -i photo.jpg            # interactive chat on stdin
+    python -m runtime.run -m BUNDLE -i a.jpg -i b.jpg --one-prompt -p "What changed?"
+    python -m runtime.run -m BUNDLE --video clip.mp4 --frames 8 -p "What happens?"
 
 Needs only onnxruntime(-gpu), numpy, tokenizers, Pillow (and jinja2 for multi-turn chat).
 """
@@ -16,10 +18,10 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
-
+from runtime import rows
 from runtime.bundle import BundleError, load_manifest
 from runtime.generate import TTFT_STAGES, Pipeline, PromptError, Sampling
+from runtime.media import load_video
 from runtime.preprocess import ImageError, load_image
 from runtime.selftest import SelfTestError, ensure_selftest
 from runtime.session import OPT_LEVELS, PROVIDER_CHOICES, ProviderError, SessionConfig
@@ -45,6 +47,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("-m", "--model", type=Path, required=True, help="bundle folder (make export)")
     ap.add_argument("-i", "--image", type=Path, action="append", default=[], help="image(s)")
     ap.add_argument("-p", "--prompt", help="question; without it: interactive chat on stdin")
+    ap.add_argument(
+        "--one-prompt",
+        action="store_true",
+        help="all -i images (then all --video clips) in one prompt, one answer; the -p text may "
+        "place them itself with one <image> marker each",
+    )
+    ap.add_argument(
+        "--video",
+        type=Path,
+        action="append",
+        default=[],
+        help="a video file (needs PyAV), animated GIF or folder of frames; implies --one-prompt",
+    )
+    ap.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per --video")
+    ap.add_argument("--fps", type=float, help="a --video's frame rate (default: its own; folder 2)")
     ap.add_argument(
         "--jsonl",
         type=Path,
@@ -92,6 +109,12 @@ def check_args(args: argparse.Namespace) -> None:
         (args.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
         (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         (args.threads >= 0, f"--threads must be >= 0 (0 = ORT default), got {args.threads}"),
+        (args.frames >= 1, f"--frames must be >= 1, got {args.frames}"),
+        (args.fps is None or args.fps > 0, f"--fps must be > 0, got {args.fps}"),
+        (
+            not (args.jsonl and (args.video or args.one_prompt)),
+            "--jsonl takes one image a row; drop --one-prompt/--video",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -127,6 +150,8 @@ def main(args: argparse.Namespace) -> int:
     # the bundle's self-test, once per provider/precision (cached beside the bundle)
     ensure_selftest(pipe, cfg)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    if args.video or args.one_prompt:
+        return one_prompt(pipe, args, sampling, t0, load_ms)
     if args.jsonl:
         args.image, texts = read_jsonl(args.jsonl)
     if not args.image:
@@ -137,7 +162,8 @@ def main(args: argparse.Namespace) -> int:
     pixels = pipe.preprocess([load_image(p) for p in args.image])
     preprocess_ms = (time.perf_counter() - t1) * 1e3
     if args.prompt is None and not args.jsonl:
-        return chat(pipe, pixels[:1], sampling, args.json, args.timings, preprocess_ms)
+        first = rows.prepare(pipe, [[load_image(args.image[0])]])[0]
+        return chat(pipe, first, sampling, args.json, args.timings, preprocess_ms)
     # 3. prompt -> ids with K image tokens (one -p for every image, or one per --jsonl row)
     texts = texts if args.jsonl else [args.prompt] * len(pixels)
     counts = pipe.image_tokens(pixels)  # K per image (an unpruned Qwen bundle: each image's N)
@@ -158,6 +184,40 @@ def main(args: argparse.Namespace) -> int:
         print(flush=True)
     if args.timings:
         print_timings(results, preprocess_ms, total_ms, load_ms)
+    return 0
+
+
+def one_prompt(pipe: Pipeline, args, sampling: Sampling, t0: float, load_ms: float) -> int:
+    """Every -i image, then every --video clip, in one prompt: one answer (or a chat)."""
+    if not args.image and not args.video:
+        raise ImageError("--one-prompt needs images or videos; pass -i PATH or --video PATH")
+    # 2. media -> the family's inputs: LLaVA one image block per image / frame, Qwen2.5-VL an
+    #    image block per image and a video block per clip (2 frames per temporal slice)
+    t1 = time.perf_counter()
+    media = [load_image(p) for p in args.image]
+    media += [load_video(v, args.frames, args.fps) for v in args.video]
+    (row,) = rows.prepare(pipe, [media])
+    preprocess_ms = (time.perf_counter() - t1) * 1e3
+    if args.prompt is None:
+        return chat(pipe, row, sampling, args.json, args.timings, preprocess_ms)
+    # 3. prompt -> ids, each image / frame / slice K tokens; the context check names the F
+    #    that fits before any vision runs
+    rows.check_context(pipe, args.prompt, row, args.max_new_tokens, args.frames)
+    ids = rows.prompt_ids(pipe, args.prompt, row)
+    # 4. vision (all frames as one batch; Qwen one call per slice) + prefill + decode
+    t2 = time.perf_counter()
+    image = rows.run(pipe, [row])
+    vision_ms = (time.perf_counter() - t2) * 1e3
+    stream = None if args.json else StreamPrinter(pipe)
+    (r,) = pipe.generate(None, [ids], sampling, stream, vision_out=image)
+    r.timings_ms["vision"] = vision_ms
+    total_ms = (time.perf_counter() - t0) * 1e3
+    # 5. report
+    extra = {"load": load_ms, "preprocess": preprocess_ms, "total": total_ms}
+    extra["ttft"] = preprocess_ms + sum(r.timings_ms[k] for k in TTFT_STAGES)
+    print(answer_json(r, extra) if args.json else "", flush=True)
+    if args.timings:
+        print_timings([r], preprocess_ms, total_ms, load_ms)
     return 0
 
 
@@ -226,33 +286,48 @@ def print_timings(results, preprocess_ms: float, total_ms: float, load_ms: float
 
 def chat(
     pipe: Pipeline,
-    pixels: np.ndarray,
+    row: list,
     sampling: Sampling,
     as_json: bool = False,
     timings: bool = False,
     preprocess_ms: float = 0.0,
 ) -> int:
-    """A multi-turn chat on one image. The image features and the KV cache live across turns:
-    each turn renders the whole conversation with the chat template (the ids a fresh run would
-    feed), keeps the cached prefix it shares -- the earlier turns and the replies generated into
-    the cache -- and prefills only the rest, so every answer equals a fresh run's."""
+    """A multi-turn chat about `row` (runtime.rows Items: the first turn's images/videos); a
+    line `/image PATH` adds an image to the next question. Each turn renders the whole
+    conversation with the chat template (the ids a fresh run would feed) and keeps the cached
+    prefix it shares -- the earlier turns and the replies generated into the cache -- so every
+    answer equals a fresh run's. An image added later changes the image tokens: that turn
+    prefills the whole conversation again (the earlier images' vision output is reused)."""
     from runtime.chat import render
     from runtime.generator import Generator
 
     t0 = time.perf_counter()
-    image = pipe.run_vision(pixels)  # once per chat
+    items = list(row)
+    image = rows.run(pipe, [items])  # vision once per set of images
     vision_ms = (time.perf_counter() - t0) * 1e3
     gen = Generator(pipe, sampling, 1)
     messages: list[dict] = []
+    pending = list(row)  # items the next user turn carries
     for line in _stdin_lines():
         question = line.strip()
         if not question:
             continue
         if question in ("/exit", "/quit"):
             break
-        messages.append({"role": "user", "text": question})
+        if question.startswith("/image "):
+            (new,) = rows.prepare(pipe, [[load_image(Path(question[7:].strip()))]])
+            t_v = time.perf_counter()
+            pending += new
+            items += new
+            image = rows.run(pipe, [items])
+            vision_ms += (time.perf_counter() - t_v) * 1e3
+            continue
+        text_only = [{"type": "text", "text": question}]
+        content = rows.content(pipe, question, pending) if pending else text_only
+        messages.append({"role": "user", "content": content})
+        pending = []
         t_turn = time.perf_counter()
-        ids = pipe.encode_with_image(render(pipe, messages), pipe.image_counts(image)[0])
+        ids = rows.encode(pipe, render(pipe, messages), rows.slots(pipe, items))
         t_prompt = time.perf_counter()
         embed_s = gen.embed_s
         prefilled = gen.resume(ids, image)
@@ -269,12 +344,13 @@ def chat(
         embed_ms = (gen.embed_s - embed_s) * 1e3  # the prefill's (decode steps come after)
         turn_ms = {
             "preprocess": preprocess_ms if len(messages) == 1 else 0.0,
-            "vision": vision_ms if len(messages) == 1 else 0.0,
+            "vision": vision_ms,
             "prompt": (t_prompt - t_turn) * 1e3,  # chat template + tokenizer
             "embed": embed_ms,
             "prefill": (t_first - t_prompt) * 1e3 - embed_ms,  # decoder + first pick
             "decode": (t_end - t_first) * 1e3,
         }
+        vision_ms = 0.0
         turn_ms["ttft"] = sum(turn_ms.values()) - turn_ms["decode"]
         n, decode_s = len(tokens), turn_ms["decode"] / 1e3
         tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else None
@@ -292,7 +368,7 @@ def chat(
                 f" | decode {tps or float('nan'):.1f} tokens/s ({n} tokens)",
                 file=sys.stderr,
             )
-        messages.append({"role": "assistant", "text": text})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
     return 0
 
 
