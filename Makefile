@@ -73,7 +73,7 @@ venv: $(STAMP)
 # torch is installed on its own first so that nothing else can resolve it to a CUDA build.
 # onnxruntime-genai comes last, with --no-deps: its `onnxruntime` dependency would replace
 # onnxruntime-gpu's files. Its pin is the "# no-deps:" line of requirements/dev.txt.
-$(STAMP): pyproject.toml requirements/runtime.txt requirements/export.txt requirements/dev.txt
+$(STAMP): pyproject.toml $(wildcard requirements/*.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
