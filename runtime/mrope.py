@@ -76,7 +76,7 @@ def _kept(kept_indices, n_images: int) -> np.ndarray | list | None:
         if len(kept_indices) != n_images:
             raise PositionError(
                 f"kept_indices has {len(kept_indices)} arrays for {n_images} images in grid_thw; "
-                "pass one per image, in prompt order"
+                "pass one row per image (a 1-D array each), in prompt order"
             )
         return [np.asarray(k, dtype=np.int64) for k in kept_indices]
     kept = np.asarray(kept_indices, dtype=np.int64)

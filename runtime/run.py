@@ -42,21 +42,31 @@ USER_ERRORS = (
 )
 
 
+class InOrder(argparse.Action):
+    """Appends to its own list (args.image / args.video) and to args.media as (dest, path), so
+    one prompt keeps the order the flags were given in."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), values])
+        namespace.media = [*namespace.media, (self.dest, values)]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="svdprune-run", description=__doc__.splitlines()[0])
+    ap.set_defaults(media=[])
     ap.add_argument("-m", "--model", type=Path, required=True, help="bundle folder (make export)")
-    ap.add_argument("-i", "--image", type=Path, action="append", default=[], help="image(s)")
+    ap.add_argument("-i", "--image", type=Path, action=InOrder, default=[], help="image(s)")
     ap.add_argument("-p", "--prompt", help="question; without it: interactive chat on stdin")
     ap.add_argument(
         "--one-prompt",
         action="store_true",
-        help="all -i images (then all --video clips) in one prompt, one answer; the -p text may "
-        "place them itself with one <image> marker each",
+        help="all -i images and --video clips in one prompt (in the order given), one answer; "
+        "the -p text may place them itself with one <image> marker each",
     )
     ap.add_argument(
         "--video",
         type=Path,
-        action="append",
+        action=InOrder,
         default=[],
         help="a video file (needs PyAV), animated GIF or folder of frames; implies --one-prompt",
     )
@@ -188,14 +198,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def one_prompt(pipe: Pipeline, args, sampling: Sampling, t0: float, load_ms: float) -> int:
-    """Every -i image, then every --video clip, in one prompt: one answer (or a chat)."""
+    """Every -i image and --video clip, in the order given, in one prompt: one answer (or a
+    chat)."""
     if not args.image and not args.video:
         raise ImageError("--one-prompt needs images or videos; pass -i PATH or --video PATH")
     # 2. media -> the family's inputs: LLaVA one image block per image / frame, Qwen2.5-VL an
     #    image block per image and a video block per clip (2 frames per temporal slice)
     t1 = time.perf_counter()
-    media = [load_image(p) for p in args.image]
-    media += [load_video(v, args.frames, args.fps) for v in args.video]
+    media = [
+        load_video(p, args.frames, args.fps) if kind == "video" else load_image(p)
+        for kind, p in args.media
+    ]
     (row,) = rows.prepare(pipe, [media])
     preprocess_ms = (time.perf_counter() - t1) * 1e3
     if args.prompt is None:

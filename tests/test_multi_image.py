@@ -202,3 +202,21 @@ def test_cli_one_prompt_equals_the_api(pipe, photo_paths, clip, capsys) -> None:
     ids, r, _, kept = ours(pipe, [load_image(p) for p in photo_paths[:2]], "Compare them.")
     assert got["prompt_token_ids"] == ids and got["token_ids"] == r.token_ids[:4]
     assert got["kept_indices"] == kept.reshape(-1).tolist()
+
+
+def test_rows_of_different_counts_batch_like_singles(pipe, photo_paths, clip) -> None:
+    """One left-padded batch of rows holding 2 images, 1 image and a 4-frame video: each row's
+    answer and first logits equal that row run alone."""
+    photos = [load_image(p) for p in photo_paths]
+    media = [[photos[0], photos[1]], [photos[2]], [load_video(clip, 4)]]
+    texts = ["Compare them.", "Describe it.", "What happens?"]
+    items = rows.prepare(pipe, media)
+    ids = [rows.prompt_ids(pipe, t, r) for t, r in zip(texts, items, strict=True)]
+    batch = pipe.generate(None, ids, Sampling(NEW_TOKENS), vision_out=rows.run(pipe, items))
+    for i, row in enumerate(items):
+        (one,) = pipe.generate(
+            None, [ids[i]], Sampling(NEW_TOKENS), vision_out=rows.run(pipe, [row])
+        )
+        assert batch[i].token_ids == one.token_ids
+        assert batch[i].kept_indices == one.kept_indices
+        assert rel_diff(batch[i].first_logits, one.first_logits) <= LOGITS_RTOL

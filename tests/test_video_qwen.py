@@ -201,3 +201,19 @@ def test_video_time_positions(pipes, clip) -> None:
     assert rows.t_step(pipe, 2.0) == 2 and rows.t_step(pipe, 4.0) == 0  # transformers' int()
     video = row[0]
     assert video.grid == (3, 24, 32) and video.t_step == int(2 / (6 / 6 * 2.0)) * 2
+
+
+@pytest.mark.parametrize("name", ["all", "16"])
+def test_rows_of_different_media_batch_like_singles(pipes, photo_paths, clip, name) -> None:
+    """A batch of rows [2 photos], [video], [photo + video]: each row equals itself alone."""
+    pipe = pipes[name]
+    sets = list(media_sets(photo_paths, clip).values())
+    items = rows.prepare(pipe, sets)
+    ids = [rows.prompt_ids(pipe, TEXT, r) for r in items]
+    batch = pipe.generate(None, ids, Sampling(NEW_TOKENS), vision_out=rows.run(pipe, items))
+    for i, row in enumerate(items):
+        (one,) = pipe.generate(
+            None, [ids[i]], Sampling(NEW_TOKENS), vision_out=rows.run(pipe, [row])
+        )
+        assert batch[i].token_ids == one.token_ids
+        assert rel_diff(batch[i].first_logits, one.first_logits) <= LOGITS_RTOL
