@@ -102,6 +102,29 @@ def test_greedy_tokens_equal_the_runtime(bundles, photo_paths, name: str) -> Non
         assert got["timings_ms"]["ttft"] > 0 and got["tokens_per_s"] > 0
 
 
+def test_several_images_and_frames_equal_the_runtime(bundles, photo_paths, tmp_path) -> None:
+    """Three photos in one prompt, and a 4-frame clip (LLaVA: a frame is an image block): ORT
+    GenAI's own generator gives runtime.run --one-prompt's greedy tokens."""
+    from runtime import rows
+    from runtime.media import load_video
+
+    bundle = bundles(FP32)
+    pipe = Pipeline(bundle, SessionConfig(provider="cpu"))
+    runner = example.GenaiRunner(bundle)
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    photo = load_image(photo_paths[1])
+    for i in range(4):  # a pan across a real photo
+        photo.crop((60 * i, 0, 60 * i + 320, 240)).save(clip / f"{i}.png")
+    for media in ([load_image(p) for p in photo_paths], list(load_video(clip, 4).frames)):
+        (row,) = rows.prepare(pipe, [media])
+        ids = rows.prompt_ids(pipe, QUESTION, row)
+        (want,) = pipe.generate(None, [ids], Sampling(NEW_TOKENS), vision_out=rows.run(pipe, [row]))
+        got = runner.answer(media, QUESTION, NEW_TOKENS)
+        assert got["prompt_token_ids"] == ids
+        assert got["token_ids"] == want.token_ids
+
+
 def test_manifest_lists_the_genai_files(bundles) -> None:
     for name, (_, flags, external) in BUNDLES.items():
         bundle = bundles(name)

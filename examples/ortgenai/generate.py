@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: `runtime` is t
 from tokenizers import Tokenizer
 
 from runtime import contract as C
-from runtime import qwen_images
+from runtime import qwen_images, rows
 from runtime.bundle import BundleError, load_manifest
 from runtime.generate import PromptError, prompt_ids
 from runtime.generator import answer_text
@@ -121,10 +121,24 @@ class GenaiRunner:
         self.load_ms = (time.perf_counter() - t0) * 1e3
         self.tokenizer = Tokenizer.from_file(str(self.bundle / C.TOKENIZER_FILE))
         self.text = self.m[C.KEY_TEXT]
+        # what runtime.rows reads of a pipeline, to build several images' prompt as ours does
+        self.prompt_cfg, self.k = self.m[C.KEY_PROMPT], self.text[C.T_IMAGE_TOKENS]
 
     @property
     def qwen(self) -> bool:
         return qwen_images.is_qwen(self.m)
+
+    def _several(self, images: list, prompt: str) -> tuple[dict, list[int]]:
+        """Several images in one prompt (LLaVA): runtime.rows' prompt and pixels. ORT GenAI's
+        gemma3 type sizes image_features (num_images, sum(num_image_tokens)), so it gets K once:
+        (num_images, K) is what the vision graph returns."""
+        if self.qwen:
+            raise GenaiError("several images per prompt: LLaVA bundles only in ORT GenAI here")
+        (row,) = rows.prepare(self, [[im if isinstance(im, Image.Image) else load_image(im)
+                                      for im in images]])  # fmt: skip
+        pixels = np.concatenate([it.inputs for it in row])  # (num_images, 3, H, W)
+        feed = {C.PIXEL_VALUES: pixels, C.NUM_IMAGE_TOKENS: self.k}
+        return feed, rows.prompt_ids(self, prompt, row)
 
     def _our_pixels(self, image) -> dict:
         """set_inputs' image tensors from our runtime's preprocessing (num_image_tokens: K, or
@@ -196,7 +210,8 @@ class GenaiRunner:
         self, image, prompt: str, max_new_tokens: int = 128, genai_processor: bool = False
     ) -> dict:
         """{token_ids, text, prompt_token_ids, timings_ms, tokens_per_s} for one image (a path
-        or PIL image) and question; greedy, stopping at eos (kept, as runtime.run keeps it).
+        or PIL image; a list: several images in one prompt, as runtime.run --one-prompt) and
+        question; greedy, stopping at eos (kept, as runtime.run keeps it).
         `genai_processor`: ORT GenAI's own processor makes the inputs (Qwen2.5-VL)."""
         if max_new_tokens < 1:
             raise PromptError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -207,9 +222,10 @@ class GenaiRunner:
             t1 = time.perf_counter()
             ids = [int(i) for i in inputs[C.INPUT_IDS].as_numpy().reshape(-1)]
         else:
-            feed = self._our_pixels(image)
+            several = isinstance(image, list | tuple)
+            feed, ids = self._several(image, prompt) if several else (self._our_pixels(image), [])
             t1 = time.perf_counter()
-            ids = self._our_ids(prompt, feed)
+            ids = ids or self._our_ids(prompt, feed)
             inputs = self.og.NamedTensors()
             inputs[C.INPUT_IDS] = np.array([ids], dtype=np.int32)  # ORT GenAI's ids are int32
             for name, value in feed.items():  # num_image_tokens: (num_images,) int64
@@ -279,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="examples/ortgenai/generate.py", description=__doc__.splitlines()[0]
     )
     ap.add_argument("bundle", type=Path, help="bundle folder (python -m export)")
-    ap.add_argument("image", type=Path)
+    ap.add_argument("image", type=Path, nargs="+", help="image(s): several go in one prompt")
     ap.add_argument("prompt")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--provider", choices=PROVIDERS, default="cpu")
@@ -291,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
     try:
+        image = args.image if len(args.image) > 1 else args.image[0]
         out = generate(
-            args.bundle, args.image, args.prompt, args.max_new_tokens, args.provider,
+            args.bundle, image, args.prompt, args.max_new_tokens, args.provider,
             args.genai_processor,
         )  # fmt: skip
     except USER_ERRORS as e:
