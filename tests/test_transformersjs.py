@@ -190,6 +190,43 @@ def test_transformersjs_greedy_equals_runtime(
     assert count and 1 <= int(count.group(1)) <= 4, proc.stderr
 
 
+def test_transformersjs_several_images_equal_runtime(
+    case_bundle: tuple[Case, Path], photo_paths: list[Path], node_dir: Path, tmp_path: Path
+) -> None:
+    """Three photos in one prompt, and a clip's 4 frames (one image block each): transformers.js
+    (its processor, every placeholder expanded by preprocess.mjs) gives runtime.rows' prompt
+    ids, pixels and greedy tokens."""
+    from runtime import rows
+
+    case, bundle = case_bundle
+    if case.name != EXAMPLE_CASE:
+        pytest.skip("one bundle suffices: the prompt logic is the processor's, not the graph's")
+    pipe = Pipeline(bundle, SessionConfig(provider="cpu"))
+    photo = load_image(photo_paths[1])
+    frames = []
+    for i in range(4):  # a pan across a real photo, as PNG frames
+        frames.append(tmp_path / f"frame{i}.png")
+        photo.crop((60 * i, 0, 60 * i + 320, 240)).save(frames[-1])
+    items, ours = [], []
+    for j, paths in enumerate([list(photo_paths), frames]):
+        (row,) = rows.prepare(pipe, [[load_image(p) for p in paths]])
+        ids = rows.prompt_ids(pipe, QUESTION, row)
+        (r,) = pipe.generate(None, [ids], Sampling(NEW_TOKENS), vision_out=rows.run(pipe, [row]))
+        pixels = np.concatenate([it.inputs for it in row]).astype(np.float32)
+        pixels.tofile(raw := tmp_path / f"several{j}.f32")
+        items.append({"images": [str(p) for p in paths], "input_ids": ids,
+                      "pixel_values": str(raw), "pixel_shape": list(pixels.shape)})  # fmt: skip
+        ours.append((ids, r.token_ids))
+    request, answer = tmp_path / "request.json", tmp_path / "answer.json"
+    request.write_text(json.dumps({"bundle": str(bundle), "max_new_tokens": NEW_TOKENS,
+                                   "question": QUESTION, "items": items}))  # fmt: skip
+    run_node(node_dir, "greedy_ids.mjs", str(request), str(answer))
+    for (ids, tokens), theirs in zip(ours, json.loads(answer.read_text())["results"], strict=True):
+        assert theirs["js_input_ids"] == ids
+        assert theirs["pixel_max_abs_diff"] == 0.0
+        assert theirs["tokens"] == tokens and theirs["js_tokens"] == tokens
+
+
 def test_transformersjs_kept_tokens_equal_runtime_on_all_photos(
     case_bundle: tuple[Case, Path], node_dir: Path
 ) -> None:

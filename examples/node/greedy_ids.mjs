@@ -3,7 +3,8 @@
 //   node greedy_ids.mjs REQUEST.json OUT.json
 //
 // REQUEST: {"bundle": dir, "max_new_tokens": n, "question": text, "items": [{"image": path,
-//   "input_ids": [...], "pixel_values": raw float32 file, "pixel_shape": [1, 3, H, W]}]}
+//   "input_ids": [...], "pixel_values": raw float32 file, "pixel_shape": [1, 3, H, W]}]}; an item
+//   with "images": [paths] (pixel_shape [n, 3, H, W]) puts them all in one prompt, in order.
 // OUT, per item: tokens (new ids; given input_ids + pixel_values), js_input_ids (the processor's
 //   ids for the chat-rendered question), js_tokens (new ids from the processor's own inputs, as
 //   answer.mjs builds them: preprocess.mjs pixels), pixel_max/mean_abs_diff (processor pixels vs
@@ -35,16 +36,23 @@ function readF32(file, shape) {
     return new Tensor('float32', data, shape);
 }
 
-const messages = [{ role: 'user', content: [{ type: 'image' }, { type: 'text', text: req.question }] }];
-const prompt = processor.apply_chat_template(messages, { add_generation_prompt: true });
+/** The question in the chat template, after `n` image parts. */
+function render(n) {
+    const content = [...Array(n).fill({ type: 'image' }), { type: 'text', text: req.question }];
+    return processor.apply_chat_template([{ role: 'user', content }], { add_generation_prompt: true });
+}
+
+const prompt = render(1);
 const results = [];
 for (const item of req.items) {
+    const paths = item.images ?? [item.image];
     const pixel_values = readF32(item.pixel_values, item.pixel_shape);
     const input_ids = idsTensor(item.input_ids);
     const attention_mask = idsTensor(item.input_ids.map(() => 1));
     const tokens = await greedy({ input_ids, attention_mask, pixel_values });
 
-    const js = await processor(await RawImage.read(item.image), prompt);
+    const images = await Promise.all(paths.map((p) => RawImage.read(p)));
+    const js = await processor(images.length === 1 ? images[0] : images, render(paths.length));
     let max = 0;
     let sum = 0;
     const n = js.pixel_values.data.length;

@@ -366,9 +366,25 @@ export function bundleImageProcessor(vision, options = {}) {
     };
 }
 
-/** Make `processor(images, text)` (a LlavaProcessor) use the runtime's preprocessing. */
+/** Make `processor(images, text)` (a LlavaProcessor) use the runtime's preprocessing, and
+ *  expand every image placeholder of the text (several images in one prompt). */
 export function useBundlePreprocessing(processor, vision, options = {}) {
     if (!processor?.components?.image_processor) throw new Error('expected an AutoProcessor with an image processor');
     processor.components.image_processor = bundleImageProcessor(vision, options);
+    expandEveryImage(processor);
     return processor;
+}
+
+/** transformers.js 4.3's LlavaProcessor expands only the first placeholder (String.replace with
+ *  a string); transformers' Python processor expands each. Same count per image, every one. */
+function expandEveryImage(processor) {
+    processor._call = async (images, text = null, kwargs = {}) => {
+        const image_inputs = await processor.image_processor(images, kwargs);
+        if (!text) return image_inputs;
+        const [height, width] = image_inputs.pixel_values.dims.slice(-2);
+        const { image_token, patch_size, num_additional_image_tokens } = processor.config;
+        const n = Math.floor(height / patch_size) * Math.floor(width / patch_size) + num_additional_image_tokens;
+        const texts = (Array.isArray(text) ? text : [text]).map((t) => t.split(image_token).join(image_token.repeat(n)));
+        return { ...image_inputs, ...processor.tokenizer(texts, kwargs) };
+    };
 }
