@@ -220,3 +220,36 @@ def test_rows_of_different_counts_batch_like_singles(pipe, photo_paths, clip) ->
         assert batch[i].token_ids == one.token_ids
         assert batch[i].kept_indices == one.kept_indices
         assert rel_diff(batch[i].first_logits, one.first_logits) <= LOGITS_RTOL
+
+
+def test_chat_adds_an_image_in_a_later_turn(pipe, photo_paths, capsys, monkeypatch) -> None:
+    """`/image PATH` in a chat: the next turn's answer equals a fresh run of the whole
+    conversation (both images, both questions, the first reply) from an empty cache."""
+    import io
+    import json
+    import sys
+
+    from runtime.chat import render
+    from runtime.generator import Generator
+
+    lines = f"Describe it.\n/image {photo_paths[2]}\nAnd this one?\n/exit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    argv = ["-m", str(pipe.bundle), "-i", str(photo_paths[0]), "--json", "--max-new-tokens",
+            "4", "--provider", "cpu"]  # fmt: skip
+    assert cli(argv) == 0
+    turns = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert len(turns) == 2 and turns[1]["cached_tokens"] == 0  # a new image: prefilled again
+    photos = [load_image(photo_paths[0]), load_image(photo_paths[2])]
+    (a,), (b,) = rows.prepare(pipe, [[photos[0]], [photos[1]]])
+    messages = [
+        {"role": "user", "content": rows.content(pipe, "Describe it.", [a])},
+        {"role": "assistant", "content": [{"type": "text", "text": turns[0]["text"]}]},
+        {"role": "user", "content": rows.content(pipe, "And this one?", [b])},
+    ]
+    ids = rows.encode(pipe, render(pipe, messages), rows.slots(pipe, [a, b]))
+    assert ids == turns[1]["prompt_token_ids"]
+    gen = Generator(pipe, Sampling(4), 1)
+    gen.append_tokens([ids], image=rows.run(pipe, [[a, b]]))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert gen.new_tokens[0] == turns[1]["token_ids"]
