@@ -87,13 +87,15 @@ export: $(STAMP)
 
 # Answer a question about a real photo with the bundle `make export` writes for the same
 # variables (K, MODEL or PRESET, DTYPE, OUT, ...), exporting it first if missing. The folder comes
-# from the export CLI itself (--print-out), the one place that names bundles.
+# from the export CLI itself (--print-out), the one place that names bundles. VIDEO=path (a
+# video file, GIF or folder of frames) [FRAMES=8] adds a clip to the same prompt as the image.
 IMAGE  ?= ../shared/data/images/coco_cats.png
 PROMPT ?= What is in the image?
 run: $(STAMP)
 	bundle="$$($(PY) -m export $(EXPORT_ARGS) --print-out)" && \
 	{ test -f "$$bundle/svdprune.json" || $(PY) -m export $(EXPORT_ARGS); } && \
-	$(PY) -m runtime.run -m "$$bundle" -i $(IMAGE) -p "$(PROMPT)" --max-new-tokens 32 --timings
+	$(PY) -m runtime.run -m "$$bundle" -i $(IMAGE) -p "$(PROMPT)" --max-new-tokens 32 --timings \
+		$(if $(VIDEO),--video $(VIDEO) --frames $(or $(FRAMES),8))
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -122,8 +124,18 @@ clean:
 #                [NO_TORCH=1] [TORCH_THREADS=1]
 # FAMILY=qwen2.5-vl: bench.qwen_profile instead, K x image size (448x448, 1008x1008, 2 MP):
 #   make profile FAMILY=qwen2.5-vl [PRESET=medium | MODEL=dir] [KS="all 256 64 16"] [REPS=2]
+# VIDEO= or FRAMES=: bench.video_profile instead, frames x K (TTFT, KV bytes, prefill FLOPs, pruned
+# vs unpruned) -> build/profile/video.{json,md}; VIDEO=pan (or FRAMES alone) is the built-in clip,
+# a camera pan over a real photo; else a video file, animated GIF or folder of frames:
+#   make profile VIDEO=pan FRAMES="4 8 16" [FAMILY=llava|qwen2.5-vl] [PRESET=medium | MODEL=dir]
+#                [KS="all 64 16"] [REPS=1]
 .PHONY: profile
-ifeq ($(FAMILY),qwen2.5-vl)
+ifneq ($(VIDEO)$(FRAMES),)
+profile: $(STAMP)
+	$(PY) -m bench.video_profile --family $(or $(FAMILY),llava) --video $(or $(VIDEO),pan) \
+		--frames $(or $(FRAMES),4 8 16) --k $(or $(KS),all 64 16) --reps $(or $(REPS),1) \
+		$(if $(MODEL),-m $(MODEL)) $(if $(PRESET),--preset $(PRESET))
+else ifeq ($(FAMILY),qwen2.5-vl)
 profile: $(STAMP)
 	$(PY) -m bench.qwen_profile --k $(or $(KS),all 256 64 16) --reps $(or $(REPS),2) \
 		$(if $(MODEL),-m $(MODEL)) $(if $(PRESET),--preset $(PRESET))
@@ -172,4 +184,34 @@ gpu-check: $(STAMP)
 bench-peers: $(STAMP)
 	$(PY) -m bench.peers --preset $(or $(PRESET),tiny) --k $(K) --image $(IMAGE) \
 		--prompt "$(PROMPT)" --tokens $(or $(TOKENS),32) --reps $(or $(REPS),3) \
+		$(if $(THREADS),--threads $(THREADS))
+
+# Serving (README "Serving"): the bundle `make run` would use (the same variables; exported first
+# if missing) behind an OpenAI-compatible endpoint.
+#   make serve [PORT=8080] [HOST=127.0.0.1] [PROVIDER=cpu] [THREADS=1] [MAX_BATCH=8]
+#              [ALLOWED_DIR=dir]                       -> python -m runtime.serve
+#   make serve-ray [RAY_ADDRESS=head:6379] [REPLICAS=2] [PORT=8000] ...
+#                                                      -> python -m runtime.serve_ray (Ray Serve;
+#                                                         no RAY_ADDRESS: a local Ray instance)
+#   make bench-serve [REQUESTS=48] [CONCURRENCY="1 4 16"] [RAY_REPLICAS="1 2"] [TOKENS=32]
+#                                                      -> bench.serve_load on 127.0.0.1
+# The serve/ray requirements are part of the venv (requirements/dev.txt): re-install on change.
+$(STAMP): requirements/serve.txt requirements/ray.txt
+ENSURE_BUNDLE = bundle="$$($(PY) -m export $(EXPORT_ARGS) --print-out)" && \
+	{ test -f "$$bundle/svdprune.json" || $(PY) -m export $(EXPORT_ARGS); }
+SERVE_ARGS = $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST)) \
+	$(if $(PROVIDER),--provider $(PROVIDER)) $(if $(THREADS),--threads $(THREADS)) \
+	$(if $(MAX_BATCH),--max-batch $(MAX_BATCH)) $(if $(ALLOWED_DIR),--allowed-dir $(ALLOWED_DIR))
+.PHONY: serve serve-ray bench-serve
+serve: $(STAMP)
+	$(ENSURE_BUNDLE) && $(PY) -m runtime.serve -m "$$bundle" $(SERVE_ARGS)
+
+serve-ray: $(STAMP)
+	$(ENSURE_BUNDLE) && $(PY) -m runtime.serve_ray -m "$$bundle" $(SERVE_ARGS) \
+		$(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) $(if $(REPLICAS),--replicas $(REPLICAS))
+
+bench-serve: $(STAMP)
+	$(ENSURE_BUNDLE) && $(PY) -m bench.serve_load -m "$$bundle" --requests $(or $(REQUESTS),48) \
+		--concurrency $(or $(CONCURRENCY),1 4 16) --ray-replicas $(or $(RAY_REPLICAS),1 2) \
+		--max-tokens $(or $(TOKENS),32) $(if $(PROVIDER),--provider $(PROVIDER)) \
 		$(if $(THREADS),--threads $(THREADS))

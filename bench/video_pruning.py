@@ -16,15 +16,16 @@ keeps (a slice with 0 is a moment the model cannot see), and the clip-wide lever
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+from bench.video_profile import pan_clip
 from runtime import contract as C
-from runtime.media import Video
-from runtime.preprocess import load_image
+from runtime.media import Video, load_video
 from runtime.preprocess_qwen import preprocess_qwen_video, vision_from_processor
 from svdprune_onnx.leverage import exact_leverage
 from svdprune_onnx.tiny_qwen import ensure_tiny_qwen25vl
@@ -33,11 +34,9 @@ IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 RANK = 8
 
 
-def pan(photo: Path, frames: int, size=(448, 336)) -> Video:
-    im = load_image(photo)
-    w, h = size
-    xs = [round(i * (im.width - w) / max(frames - 1, 1)) for i in range(frames)]
-    return Video(tuple(im.crop((x, 0, x + w, h)) for x in xs), 2.0, photo.name)
+def pan(photo: Path, frames: int, folder: Path) -> Video:
+    """bench.video_profile's pan over `photo`, all `frames` frames (at 2 fps)."""
+    return load_video(pan_clip(folder / photo.stem, frames, (448, 336), photo), frames)
 
 
 def choices(feats: torch.Tensor, t: int, k: int) -> dict[str, np.ndarray]:
@@ -109,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     vision |= {C.V_VIDEO_MIN_PIXELS: VIDEO_MIN_PIXELS, C.V_VIDEO_MAX_PIXELS: VIDEO_MAX_PIXELS}
     print("| clip | strategy | KL to unpruned | fewest tokens in a slice | leverage mass |")
     print("|---|---|---|---|---|")
+    tmp = Path(tempfile.mkdtemp(prefix="video-pruning-"))
     for photo in sorted(p for p in IMAGES.iterdir() if p.suffix in {".jpg", ".png"}):
-        res = measure(model, tok, vision, pan(photo, args.frames), args.k)
+        res = measure(model, tok, vision, pan(photo, args.frames, tmp), args.k)
         for name, r in res.items():
             print(f"| {photo.name} | {name} | {r['kl']:.2e} | {r['min_per_slice']} | "
                   f"{r['mass']:.3f} |")  # fmt: skip

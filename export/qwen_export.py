@@ -121,9 +121,11 @@ def video_facts(src: Path, model) -> dict:
     cfg_file = src / "video_preprocessor_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     size = cfg.get("size") or {}
+    low = cfg.get("min_pixels") or size.get("shortest_edge") or VIDEO_MIN_PIXELS
+    high = cfg.get("max_pixels") or size.get("longest_edge") or VIDEO_MAX_PIXELS
     return {
-        C.V_VIDEO_MIN_PIXELS: int(cfg.get("min_pixels") or size.get("shortest_edge") or VIDEO_MIN_PIXELS),
-        C.V_VIDEO_MAX_PIXELS: int(cfg.get("max_pixels") or size.get("longest_edge") or VIDEO_MAX_PIXELS),
+        C.V_VIDEO_MIN_PIXELS: int(low),
+        C.V_VIDEO_MAX_PIXELS: int(high),
         C.V_TOKENS_PER_SECOND: int(model.config.vision_config.tokens_per_second),
     }
 

@@ -153,7 +153,7 @@ def prefill_flops(bundle: Path, text: dict, seq: int) -> float:
         raise BundleError(f"{bundle}/config.json lacks text_config.intermediate_size; re-export")
     h, hd = text[C.T_HIDDEN], text[C.T_HEAD_DIM]
     q, kv = text[C.T_HEADS] * hd, text[C.T_KV_HEADS] * hd
-    mlp = 3 if text[C.T_MODEL_TYPE] in ("llama", "qwen2", "mistral") else 2
+    mlp = 3 if text[C.T_MODEL_TYPE] in ("llama", "qwen2", "mistral", "qwen2_5_vl_text") else 2
     per_layer = 2 * seq * (h * (q + 2 * kv) + q * h + mlp * h * cfg["intermediate_size"])
     per_layer += 2 * 2 * seq * seq * q
     return float(text[C.T_LAYERS] * per_layer + 2 * seq * h * text[C.T_VOCAB])

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from bench.video_profile import pan_clip
 from runtime import contract as C
 from runtime import rows
 from runtime.generate import Pipeline, PromptError, Sampling
@@ -30,17 +31,6 @@ from runtime.session import SessionConfig
 NEW_TOKENS = 6
 LOGITS_RTOL = 1e-4  # first-step logits vs transformers, relative to their scale
 FEATURES_RTOL = 1e-4
-
-
-def pan_clip(photo: Path, folder: Path, frames: int = 8, size=(320, 240)) -> Path:
-    """A short clip from a real photo: `frames` crops sliding left to right (PNG, lossless)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    im = load_image(photo)
-    w, h = size
-    for i in range(frames):
-        x = round(i * (im.width - w) / max(frames - 1, 1))
-        im.crop((x, 0, x + w, h)).save(folder / f"frame{i:03d}.png")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +46,7 @@ def hf(tiny_clip: Path):
 
 @pytest.fixture(scope="module")
 def clip(photo_paths, tmp_path_factory) -> Path:
-    return pan_clip(photo_paths[0], tmp_path_factory.mktemp("clip") / "pan")
+    return pan_clip(tmp_path_factory.mktemp("clip") / "pan", 8, (320, 240), photo_paths[0])
 
 
 def reference(hf, pipe: Pipeline, images: list[Image.Image], content: list[dict], kept):

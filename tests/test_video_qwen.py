@@ -21,6 +21,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DynamicCache, Qwen2VLImageProcessor
 
+from bench.video_profile import pan_clip
 from export.qwen_decoder import qwen_causal_lm
 from runtime import contract as C
 from runtime import rows
@@ -30,7 +31,6 @@ from runtime.media import load_video
 from runtime.parity import rel_diff
 from runtime.preprocess import load_image
 from runtime.session import SessionConfig
-from tests.test_multi_image import pan_clip
 
 NEW_TOKENS = 5
 LOGITS_RTOL = 1e-4
@@ -48,7 +48,7 @@ def hf(tiny_qwen: Path, qwen_model):
 @pytest.fixture(scope="module")
 def clip(photo_paths, tmp_path_factory) -> Path:
     # 6 frames, 2 MP photo panned at 448x336: 3 slices of 12x16 merged tokens each
-    return pan_clip(photo_paths[1], tmp_path_factory.mktemp("qclip") / "pan", 6, (448, 336))
+    return pan_clip(tmp_path_factory.mktemp("qclip") / "pan", 6, (448, 336), photo_paths[1])
 
 
 @pytest.fixture(scope="module")
