@@ -19,12 +19,8 @@ per bundle (a 2-frame warm-up first), per F (F frames sampled uniformly, runtime
 ─► build/profile/video.{json,md} (and video-<model>.{json,md}): one row per (F, K), each K's
    ratios to the unpruned one at the same F, measured in the same run.
 
-Prefill FLOPs, analytic, of the decoder over S prompt tokens (no embedding table: it takes
-inputs_embeds; the bundles' logits are the last position's only):
-    2 * P * S  +  4 * L * A * S^2 / 2  +  2 * H * V
-    P = L * (H * (A + 2 * KV) + A * H + 3 * H * I)   q, k, v, o and the gated MLP, per token
-with L layers, H hidden, A = heads * head_dim, KV = kv_heads * head_dim (manifest `text`),
-I = intermediate_size (config.json), V vocab; QK^T and AV counted over the causal half.
+Prefill FLOPs: runtime.profile.prefill_flops (the one formula: projections, full-square
+attention as ORT computes it, the gated MLP, lm_head over the last position).
 """
 
 from __future__ import annotations
@@ -43,7 +39,13 @@ from runtime import rows as R
 from runtime.generate import Pipeline, PromptError, Sampling
 from runtime.media import Video, load_video
 from runtime.preprocess import load_image
-from runtime.profile import kv_cache_bytes, release_freed_memory, reset_peak_rss, rss_mb
+from runtime.profile import (
+    kv_cache_bytes,
+    prefill_flops,
+    release_freed_memory,
+    reset_peak_rss,
+    rss_mb,
+)
 from runtime.profile_report import cpu_model, load_average, md_table
 from runtime.session import SessionConfig
 
@@ -94,23 +96,6 @@ def ensure_bundles(family: str, src: Path, ks: list[str], root: Path) -> dict[st
     return out
 
 
-def decoder_params(bundle: Path, text: dict) -> int:
-    """Weights the decoder applies to each prompt token: q/k/v/o and the gated MLP per layer."""
-    cfg = json.loads((bundle / C.HF_CONFIG).read_text())
-    inter = cfg.get("text_config", cfg)["intermediate_size"]
-    h, hd = text[C.T_HIDDEN], text[C.T_HEAD_DIM]
-    a, kv = text[C.T_HEADS] * hd, text[C.T_KV_HEADS] * hd
-    return text[C.T_LAYERS] * (h * (a + 2 * kv) + a * h + 3 * h * inter)
-
-
-def prefill_gflops(bundle: Path, text: dict, seq: int) -> float:
-    """The module docstring's formula, in GFLOPs."""
-    a = text[C.T_HEADS] * text[C.T_HEAD_DIM]
-    attn = 4 * text[C.T_LAYERS] * a * seq * seq / 2
-    head = 2 * text[C.T_HIDDEN] * text[C.T_VOCAB]
-    return (2 * decoder_params(bundle, text) * seq + attn + head) / 1e9
-
-
 def answer(pipe: Pipeline, video: Video, new: int) -> dict:
     """One timed answer (ms per stage) and its prompt."""
     t0 = time.perf_counter()
@@ -138,7 +123,7 @@ def sizes(pipe: Pipeline, video: Video, new: int) -> dict:
     out["positions"] = R.positions_needed(pipe, ids, row)
     out["max_positions"] = pipe.text[C.T_MAX_POS]
     out["kv_cache_bytes"] = kv_cache_bytes(pipe.text, len(ids))
-    out["prefill_gflops"] = prefill_gflops(pipe.bundle, pipe.text, len(ids))
+    out["prefill_gflops"] = prefill_flops(pipe.bundle, pipe.text, len(ids)) / 1e9
     try:
         R.check_context(pipe, PROMPT, row, new, len(video))
     except PromptError as e:  # the message names the largest --frames that fits

@@ -145,7 +145,8 @@ def kv_cache_bytes(text: dict, seq: int, batch: int = 1) -> int:
 def prefill_flops(bundle: Path, text: dict, seq: int) -> float:
     """Multiply-add FLOPs (×2) of the decoder over a `seq`-token prompt, from the shapes in the
     manifest and config.json: q/k/v/o projections, QKᵀ and AV (full square, as ORT computes it),
-    the MLP (3 matrices when gated: llama/qwen2/mistral) and lm_head over every position."""
+    the MLP (3 matrices when gated: llama/qwen2/mistral/Qwen2.5-VL's text) and lm_head (over the
+    last position when the decoder returns only its logits, text.logits "last")."""
     import json
 
     cfg = json.loads((bundle / C.HF_CONFIG).read_text()).get("text_config", {})
@@ -156,7 +157,8 @@ def prefill_flops(bundle: Path, text: dict, seq: int) -> float:
     mlp = 3 if text[C.T_MODEL_TYPE] in ("llama", "qwen2", "mistral", "qwen2_5_vl_text") else 2
     per_layer = 2 * seq * (h * (q + 2 * kv) + q * h + mlp * h * cfg["intermediate_size"])
     per_layer += 2 * 2 * seq * seq * q
-    return float(text[C.T_LAYERS] * per_layer + 2 * seq * h * text[C.T_VOCAB])
+    head_rows = 1 if text.get(C.T_LOGITS) == C.LOGITS_LAST else seq
+    return float(text[C.T_LAYERS] * per_layer + 2 * head_rows * h * text[C.T_VOCAB])
 
 
 # --- the pruning share, from the ORT profiler ----------------------------------------------------
