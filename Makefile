@@ -195,8 +195,6 @@ bench-peers: $(STAMP)
 #                                                         no RAY_ADDRESS: a local Ray instance)
 #   make bench-serve [REQUESTS=48] [CONCURRENCY="1 4 16"] [RAY_REPLICAS="1 2"] [TOKENS=32]
 #                                                      -> bench.serve_load on 127.0.0.1
-# The serve/ray requirements are part of the venv (requirements/dev.txt): re-install on change.
-$(STAMP): requirements/serve.txt requirements/ray.txt
 ENSURE_BUNDLE = bundle="$$($(PY) -m export $(EXPORT_ARGS) --print-out)" && \
 	{ test -f "$$bundle/svdprune.json" || $(PY) -m export $(EXPORT_ARGS); }
 SERVE_ARGS = $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST)) \

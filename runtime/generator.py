@@ -32,14 +32,20 @@ if TYPE_CHECKING:
 
 
 def scatter_features(
-    embeds: np.ndarray, ids: np.ndarray, lo: int, features: np.ndarray | None, image_id
+    embeds: np.ndarray,
+    ids: np.ndarray,
+    lo: int,
+    features: np.ndarray | None,
+    image_id,
+    media: np.ndarray | None = None,
 ) -> np.ndarray:
     """Write image features into `embeds` (B, L-lo, D), the embeddings of ids[:, lo:], in place:
     the k-th image token of row b (counted over the whole row of `ids` (B, L)) gets
     features[b, k] ((B, K, D)). `image_id`: the image token id, or an array of media token ids
-    (Qwen's image and video tokens: one count over both, items in prompt order). Returns
-    `embeds`."""
-    media = np.isin(ids, image_id)
+    (Qwen's image and video tokens: one count over both, items in prompt order). `media` (B, L)
+    bool, when given, says which columns are image tokens instead (a generated token that
+    happens to be the image token id is text). Returns `embeds`."""
+    media = np.isin(ids, image_id) if media is None else media
     img = media[:, lo:]
     if img.any():
         rank = np.cumsum(media, axis=1)[:, lo:] - 1  # k of each token
@@ -83,6 +89,7 @@ class Generator:
         t, b = self.pipe.text, self.batch
         self.ids = np.zeros((b, 0), np.int64)
         self.mask = np.zeros((b, 0), np.int64)
+        self.media = np.zeros((b, 0), bool)  # columns that are image features (prompt only)
         self.positions = np.zeros((self.pipe.position_rows, b, 0), np.int64)
         self.computed = 0  # columns in the KV cache
         self.logits: np.ndarray | None = None  # (B, V) at the last cached column
@@ -157,7 +164,7 @@ class Generator:
             )
         if img.any():
             self.features = image[0]
-        self._extend(new, mask, pos)
+        self._extend(new, mask, pos, img if image is not None else None)
         self.done[:] = False
         self.new_tokens = [[] for _ in range(self.batch)]
         self.prefill_tokens = self._advance()
@@ -206,12 +213,17 @@ class Generator:
         if n_tokens < 0 or keep < 1:
             raise ValueError(f"cannot rewind {n_tokens} of {self.length} tokens")
         self.ids, self.mask = self.ids[:, :keep], self.mask[:, :keep]
+        self.media = self.media[:, :keep]
         self.positions = self.positions[:, :, :keep]
         if keep < self.computed:  # the next run re-feeds the last kept column if it must
             self._truncate(keep)
 
     # --- internals -------------------------------------------------------------------------
-    def _extend(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> None:
+    def _extend(
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, media: np.ndarray | None = None
+    ) -> None:
+        media = np.zeros(ids.shape, bool) if media is None else media
+        self.media = np.concatenate([self.media, media], axis=1)
         self.ids = np.concatenate([self.ids, ids], axis=1)
         self.mask = np.concatenate([self.mask, mask], axis=1)
         self.positions = np.concatenate([self.positions, pos], axis=2)
@@ -239,7 +251,7 @@ class Generator:
         """(B, L-lo, D) embeddings of columns lo.., image features at the image tokens."""
         ids = self.ids[:, lo:]
         (embeds,) = self.pipe.embed.run(None, {C.INPUT_IDS: np.ascontiguousarray(ids)})
-        return scatter_features(embeds, self.ids, lo, self.features, self.image_id)
+        return scatter_features(embeds, self.ids, lo, self.features, self.image_id, self.media)
 
     def _run(self) -> None:
         """One decoder run over the uncomputed columns; the presents become the next past."""

@@ -243,3 +243,23 @@ def test_chat_adds_an_image_in_a_later_turn(pipe, photo_paths, capsys, monkeypat
     while not gen.is_done():
         gen.generate_next_token()
     assert gen.new_tokens[0] == turns[1]["token_ids"]
+
+
+def test_a_generated_image_token_is_text(pipe, photo_paths, monkeypatch) -> None:
+    """A sampled token that happens to be the image token id is fed back as text: no features
+    are scattered there (it used to index past the row's features), the answer goes on."""
+    import runtime.generate as G
+
+    image_id = pipe.text[C.T_IMAGE_TOKEN_ID]
+    real_pick, calls = G.pick, []
+
+    def pick(logits, s, rng):  # the second pick is the image token id
+        calls.append(1)
+        out = real_pick(logits, s, rng)
+        return np.full_like(out, image_id) if len(calls) == 2 else out
+
+    monkeypatch.setattr(G, "pick", pick)
+    (row,) = rows.prepare(pipe, [[load_image(photo_paths[0]), load_image(photo_paths[1])]])
+    ids = rows.prompt_ids(pipe, "Compare them.", row)
+    (r,) = pipe.generate(None, [ids], Sampling(NEW_TOKENS), vision_out=rows.run(pipe, [row]))
+    assert r.token_ids[1] == image_id and len(r.token_ids) == NEW_TOKENS

@@ -7,7 +7,8 @@ import sys
 
 from .conftest import REPO
 
-FORBIDDEN = ("torch", "transformers", "optimum", "svdprune_onnx", "export")
+# ray: the serving scale-out (runtime.serve_ray) imports it lazily, when it runs, never on import
+FORBIDDEN = ("torch", "transformers", "optimum", "svdprune_onnx", "export", "ray")
 
 
 def test_runtime_imports_no_torch() -> None:
@@ -21,3 +22,18 @@ def test_runtime_imports_no_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"runtime imported {proc.stdout.strip()}"
+
+
+def test_device_runtime_does_not_import_the_server() -> None:
+    """The bare device install has no fastapi/uvicorn: runtime.run and the pipeline stay
+    importable without the `serve` extra, and runtime.serve pulls in no ray or torch."""
+    code = (
+        "import sys, runtime.run, runtime.generate, runtime.generator\n"
+        "bad = [m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules]\n"
+        "import runtime.serve\n"
+        f"bad += [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"imported {proc.stdout.strip()}"
