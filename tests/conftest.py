@@ -110,24 +110,28 @@ LLAVA_BUNDLES = {  # name -> export flags for tiny_clip (llava_bundle)
 }
 
 
-@pytest.fixture(scope="session")
-def llava_bundle(tiny_clip: Path, tmp_path_factory: pytest.TempPathFactory):
-    """llava_bundle(name) -> the tiny LLaVA (CLIP x Llama) bundle LLAVA_BUNDLES[name], exported
-    the first time it is asked for. Tests must not modify these bundles (copy them first)."""
+def _bundle_getter(ckpt: Path, flags: dict[str, list[str]], root: Path):
+    """get(name) -> root/<ckpt name>-k<name>, exported with flags[name] the first time asked."""
     from export.__main__ import cli
 
-    root = tmp_path_factory.mktemp("llava-bundles")
     made: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in made:
-            out = root / f"{tiny_clip.name}-k{name}"
-            assert cli(["-m", str(tiny_clip), "-o", str(out), *LLAVA_BUNDLES[name]]) == 0
+            out = root / f"{ckpt.name}-k{name}"
+            assert cli(["-m", str(ckpt), "-o", str(out), *flags[name]]) == 0
             made[name] = out
         return made[name]
 
     get.root = root
     return get
+
+
+@pytest.fixture(scope="session")
+def llava_bundle(tiny_clip: Path, tmp_path_factory: pytest.TempPathFactory):
+    """llava_bundle(name) -> the tiny LLaVA (CLIP x Llama) bundle LLAVA_BUNDLES[name], exported
+    the first time it is asked for. Tests must not modify these bundles (copy them first)."""
+    return _bundle_getter(tiny_clip, LLAVA_BUNDLES, tmp_path_factory.mktemp("llava-bundles"))
 
 
 @pytest.fixture(scope="session")
@@ -135,20 +139,7 @@ def qwen_bundle(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory):
     """qwen_bundle(name) -> the tiny Qwen2.5-VL bundle QWEN_BUNDLES[name], exported the first
     time it is asked for, at <root>/tiny-qwen2.5-vl-k<name> (bench.qwen_profile's naming);
     qwen_bundle.root is that folder. Tests must not modify these bundles (copy them first)."""
-    from export.__main__ import cli
-
-    root = tmp_path_factory.mktemp("qwen-bundles")
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            out = root / f"{tiny_qwen.name}-k{name}"
-            assert cli(["-m", str(tiny_qwen), "-o", str(out), *QWEN_BUNDLES[name]]) == 0
-            made[name] = out
-        return made[name]
-
-    get.root = root
-    return get
+    return _bundle_getter(tiny_qwen, QWEN_BUNDLES, tmp_path_factory.mktemp("qwen-bundles"))
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,13 @@ from .conftest import REPO
 FORBIDDEN = ("torch", "transformers", "optimum", "svdprune_onnx", "export", "ray")
 
 
+def _imported(code: str) -> str:
+    """What `code` (run in a fresh interpreter at the repo root) prints: the unwanted modules."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
 def test_runtime_imports_no_torch() -> None:
     code = (
         "import sys, pkgutil, importlib, runtime\n"
@@ -19,9 +26,7 @@ def test_runtime_imports_no_torch() -> None:
         f"bad = [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "", f"runtime imported {proc.stdout.strip()}"
+    assert (bad := _imported(code)) == "", f"runtime imported {bad}"
 
 
 def test_device_runtime_does_not_import_the_server() -> None:
@@ -34,6 +39,4 @@ def test_device_runtime_does_not_import_the_server() -> None:
         f"bad += [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "", f"imported {proc.stdout.strip()}"
+    assert (bad := _imported(code)) == "", f"imported {bad}"
