@@ -280,6 +280,7 @@ QWEN_VISION_KEYS = (V_MIN_PIXELS, V_MAX_PIXELS, V_TEMPORAL_PATCH, V_MERGE_SIZE, 
 V_VIDEO_MIN_PIXELS = "video_min_pixels"
 V_VIDEO_MAX_PIXELS = "video_max_pixels"
 V_TOKENS_PER_SECOND = "tokens_per_second"
+QWEN_VISION_KEYS += (V_VIDEO_MIN_PIXELS, V_VIDEO_MAX_PIXELS, V_TOKENS_PER_SECOND)
 T_VIDEO_TOKEN_ID = "video_token_id"  # text.*: the token a video block repeats (Qwen2.5-VL)
 PR_VIDEO = "video_placeholder"  # prompt.*: the chat template's video token (Qwen2.5-VL)
 # pruning.video: how a video's tokens are pruned. VIDEO_PER_SLICE: K per temporal slice (the
