@@ -102,14 +102,20 @@ def run_vision(session, samples: Sequence[Sample], manifest: dict) -> QwenImages
         check_inputs(pixels, grid, merge, p.get(C.P_MIN_TOKENS, 1), p.get(C.P_N_MAX, 2**31))
         feed = {C.PIXEL_VALUES: pixels} | ({C.IMAGE_GRID_THW: grid} if takes_grid else {})
         outs.append(session.run([C.IMAGE_FEATURES, C.KEPT_INDICES], feed))
-    counts = np.array([len(idx) for _, idx in outs], np.int64)
-    width = outs[0][0].shape[1]
-    feats = np.zeros((len(outs), counts.max(), width), np.float32)
-    kept = np.full((len(outs), counts.max()), -1, np.int64)
-    for b, (f, idx) in enumerate(outs):
-        feats[b, : len(idx)], kept[b, : len(idx)] = f, idx
+    feats, kept = pad_rows([f for f, _ in outs], [idx for _, idx in outs])
     grids = np.concatenate([g for _, g in samples]).astype(np.int64)
-    return QwenImages(feats, kept, grids, counts)
+    return QwenImages(feats, kept, grids, np.array([len(idx) for _, idx in outs], np.int64))
+
+
+def pad_rows(feats: Sequence[np.ndarray], kept: Sequence[np.ndarray]) -> tuple:
+    """Rows of different lengths, (T_b, D) and (T_b,) -> features (B, T_max, D) float32 padded
+    with zeros, kept (B, T_max) int64 padded with -1."""
+    width = max(len(k) for k in kept)
+    out_f = np.zeros((len(kept), width, feats[0].shape[-1]), np.float32)
+    out_k = np.full((len(kept), width), -1, np.int64)
+    for b, (f, k) in enumerate(zip(feats, kept, strict=True)):
+        out_f[b, : len(k)], out_k[b, : len(k)] = f, k
+    return out_f, out_k
 
 
 def positions(manifest: dict, ids: np.ndarray, mask: np.ndarray, image: QwenImages) -> np.ndarray:

@@ -25,7 +25,7 @@ from runtime import contract as C
 from runtime.media import IMAGE_MARKER, Video
 from runtime.preprocess import ImageError, preprocess_batch
 from runtime.preprocess_qwen import merged_tokens, preprocess_qwen, preprocess_qwen_video
-from runtime.qwen_images import QwenImages, run_vision
+from runtime.qwen_images import QwenImages, pad_rows, run_vision
 
 IMAGE, VIDEO = "image", "video"
 
@@ -97,17 +97,12 @@ def run(pipe, rows: list[list[Item]]):
     if pipe.qwen:
         return _run_qwen(pipe, rows)
     frames = np.concatenate([it.inputs for row in rows for it in row])
-    feats, kept = _llava_vision(pipe, frames)
-    sizes = [sum(len(it.inputs) for it in row) for row in rows]
-    width = max(sizes) * pipe.k
-    out_f = np.zeros((len(rows), width, feats.shape[-1]), np.float32)
-    out_k = np.full((len(rows), width), -1, np.int64)
-    at = 0
-    for b, n in enumerate(sizes):
-        out_f[b, : n * pipe.k] = feats[at : at + n].reshape(-1, feats.shape[-1])
-        out_k[b, : n * pipe.k] = kept[at : at + n].reshape(-1)
-        at += n
-    return out_f, out_k
+    feats, kept = _llava_vision(pipe, frames)  # (frames, K, D), (frames, K)
+    ends = np.cumsum([sum(len(it.inputs) for it in row) for row in rows])
+    return pad_rows(
+        [f.reshape(-1, f.shape[-1]) for f in np.split(feats, ends[:-1])],
+        [k.reshape(-1) for k in np.split(kept, ends[:-1])],
+    )
 
 
 def _llava_vision(pipe, frames: np.ndarray):
@@ -130,10 +125,7 @@ def _run_qwen(pipe, rows: list[list[Item]]) -> QwenImages:
     for row in rows:
         f_row, k_row = [], []
         for it in row:
-            _, h, w = it.grid
-            merged = (h // pipe.m[C.KEY_VISION][C.V_MERGE_SIZE]) * (
-                w // pipe.m[C.KEY_VISION][C.V_MERGE_SIZE]
-            )
+            merged = int(merged_tokens(it.inputs[0][1], pipe.m[C.KEY_VISION][C.V_MERGE_SIZE])[0])
             for s in range(len(it.inputs)):  # slice s's indices count after s slices
                 n = int(per.counts[at])
                 f_row.append(per.features[at, :n])
@@ -142,13 +134,9 @@ def _run_qwen(pipe, rows: list[list[Item]]) -> QwenImages:
         feats.append(np.concatenate(f_row))
         kept.append(np.concatenate(k_row))
     counts = np.array([len(k) for k in kept], np.int64)
-    out_f = np.zeros((len(rows), counts.max(), per.features.shape[-1]), np.float32)
-    out_k = np.full((len(rows), counts.max()), -1, np.int64)
-    for b, (f, k) in enumerate(zip(feats, kept, strict=True)):
-        out_f[b, : len(k)], out_k[b, : len(k)] = f, k
     items = [it for row in rows for it in row]
     return QwenImages(
-        out_f, out_k, np.array([it.grid for it in items], np.int64), counts,
+        *pad_rows(feats, kept), np.array([it.grid for it in items], np.int64), counts,
         per_row=np.array([len(r) for r in rows], np.int64),
         item_tokens=np.array([it.tokens for it in items], np.int64),
         t_steps=np.array([it.t_step for it in items], np.int64),
