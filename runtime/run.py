@@ -169,11 +169,12 @@ def main(args: argparse.Namespace) -> int:
     # 2. images -> pixel_values (B,3,H,W), exactly as the checkpoint's processor would
     #    (Qwen2.5-VL: one (pixel_values, image_grid_thw) per image, each at its own size)
     t1 = time.perf_counter()
+    if args.prompt is None and not args.jsonl:  # a chat about the first image
+        (first,) = rows.prepare(pipe, [[load_image(args.image[0])]])
+        preprocess_ms = (time.perf_counter() - t1) * 1e3
+        return chat(pipe, first, sampling, args.json, args.timings, preprocess_ms)
     pixels = pipe.preprocess([load_image(p) for p in args.image])
     preprocess_ms = (time.perf_counter() - t1) * 1e3
-    if args.prompt is None and not args.jsonl:
-        first = rows.prepare(pipe, [[load_image(args.image[0])]])[0]
-        return chat(pipe, first, sampling, args.json, args.timings, preprocess_ms)
     # 3. prompt -> ids with K image tokens (one -p for every image, or one per --jsonl row)
     texts = texts if args.jsonl else [args.prompt] * len(pixels)
     counts = pipe.image_tokens(pixels)  # K per image (an unpruned Qwen bundle: each image's N)
